@@ -1,0 +1,1 @@
+"""pytun-client: the laptop end."""

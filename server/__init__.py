@@ -1,0 +1,1 @@
+"""pytun-server and pytun-admin: the hub."""
