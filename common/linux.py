@@ -1,0 +1,279 @@
+"""The only kernel glue: the TUN device, links, addresses, routes and policy rules.
+
+Everything here is synchronous and acts on the network namespace of the calling process.
+Links, addresses, routes and rules go through pyroute2's netlink socket; the dumps used by tests
+run `ip`, whose text form is what an operator compares by eye. Every failure is a `LinuxError`
+whose message says what was attempted and why it failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import ipaddress
+import os
+import socket
+import struct
+import subprocess
+from typing import Iterator
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+IFNAMSIZ = 16
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFA_F_NODAD = 0x02
+FIB_RULE_INVERT = 0x02
+SO_MARK = 36
+MAIN_TABLE = 254
+
+_IFREQ = struct.Struct("16sH")
+_FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+class LinuxError(Exception):
+    """A kernel operation failed; the message is meant for the operator."""
+
+
+def check_ifname(name: str) -> str:
+    """Refuse names the kernel would refuse (or silently truncate), before asking it."""
+    if not isinstance(name, str) or not 1 <= len(name.encode()) < IFNAMSIZ:
+        raise LinuxError(f"bad interface name {name!r}: must be 1 to {IFNAMSIZ - 1} bytes")
+    if name in (".", "..") or any(c in name for c in "/:") or any(c.isspace() for c in name):
+        raise LinuxError(f"bad interface name {name!r}: no '/', ':' or whitespace allowed")
+    return name
+
+
+def open_tun(name: str) -> tuple[int, str]:
+    """Create (or attach to) the TUN device `name`; return its non-blocking fd and actual name.
+
+    The device lives as long as the fd: closing it removes the interface.
+    """
+    check_ifname(name)
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise LinuxError("cannot open /dev/net/tun: no such device (modprobe tun)") from None
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            raise LinuxError(
+                "cannot open /dev/net/tun: permission denied (run as root or with CAP_NET_ADMIN)"
+            ) from None
+        raise LinuxError(f"cannot open /dev/net/tun: {exc.strerror}") from None
+    try:
+        ifr = fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(name.encode(), IFF_TUN | IFF_NO_PI))
+    except OSError as exc:
+        os.close(fd)
+        why = {
+            errno.EBUSY: "it is busy (another process has it open)",
+            errno.EPERM: "permission denied (run as root or with CAP_NET_ADMIN)",
+            errno.EACCES: "permission denied (run as root or with CAP_NET_ADMIN)",
+            errno.EINVAL: "invalid name, or an interface of another type already has it",
+        }.get(exc.errno, exc.strerror)
+        raise LinuxError(f"cannot create TUN device {name}: {why}") from None
+    actual = _IFREQ.unpack(ifr[: _IFREQ.size])[0].rstrip(b"\0").decode()
+    return fd, actual
+
+
+@contextlib.contextmanager
+def _netlink(what: str, ignore: tuple[int, ...] = ()) -> Iterator[IPRoute]:
+    """An IPRoute socket for one operation; NetlinkError becomes LinuxError("what: reason")."""
+    try:
+        with IPRoute() as ipr:
+            yield ipr
+    except NetlinkError as exc:
+        if exc.code in ignore:
+            return
+        reason = os.strerror(exc.code) if exc.code else str(exc)
+        raise LinuxError(f"{what}: {reason}") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise LinuxError(f"{what}: {exc}") from None
+
+
+def _index(ipr: IPRoute, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=check_ifname(ifname))
+    if not found:
+        raise LinuxError(f"no such interface: {ifname}")
+    return found[0]
+
+
+def _ifname(ipr: IPRoute, index: int) -> str | None:
+    for link in ipr.get_links(index):
+        return link.get("IFLA_IFNAME")
+    return None
+
+
+def link_exists(ifname: str) -> bool:
+    with _netlink(f"cannot look up {ifname}") as ipr:
+        return bool(ipr.link_lookup(ifname=check_ifname(ifname)))
+
+
+def delete_link(ifname: str) -> None:
+    """Delete the interface; an absent one is not an error."""
+    with _netlink(f"cannot delete {ifname}", ignore=(errno.ENODEV,)) as ipr:
+        found = ipr.link_lookup(ifname=check_ifname(ifname))
+        if found:
+            ipr.link("del", index=found[0])
+
+
+def configure_link(ifname: str, addresses: list[Interface], mtu: int) -> None:
+    """Set the MTU, add each address (IPv6 without duplicate address detection), bring it up."""
+    if not 68 <= mtu <= 65535:
+        raise LinuxError(f"bad MTU {mtu} for {ifname}: must be 68 to 65535")
+    with _netlink(f"cannot set MTU {mtu} on {ifname}") as ipr:
+        index = _index(ipr, ifname)
+        ipr.link("set", index=index, mtu=mtu)
+    for iface in addresses:
+        iface = ipaddress.ip_interface(iface)
+        flags = IFA_F_NODAD if iface.version == 6 else 0
+        # An address that is already there (a restart on a kept device) is fine.
+        with _netlink(f"cannot add address {iface} to {ifname}", ignore=(errno.EEXIST,)) as ipr:
+            ipr.addr(
+                "add",
+                index=index,
+                family=_FAMILY[iface.version],
+                address=str(iface.ip),
+                prefixlen=iface.network.prefixlen,
+                flags=flags,
+            )
+    with _netlink(f"cannot bring {ifname} up") as ipr:
+        ipr.link("set", index=index, state="up")
+
+
+def _route_spec(ipr: IPRoute, dst, ifname, table, via) -> dict:
+    dst = ipaddress.ip_network(dst)
+    spec = {"family": _FAMILY[dst.version], "dst": str(dst.network_address),
+            "dst_len": dst.prefixlen}
+    if ifname is not None:
+        spec["oif"] = _index(ipr, ifname)
+    if table is not None:
+        spec["table"] = int(table)
+    if via is not None:
+        spec["gateway"] = str(ipaddress.ip_address(via))
+    return spec
+
+
+def _route_text(dst, ifname, table, via) -> str:
+    return " ".join(
+        [str(dst)]
+        + ([f"via {via}"] if via is not None else [])
+        + ([f"dev {ifname}"] if ifname is not None else [])
+        + ([f"table {table}"] if table is not None else [])
+    )
+
+
+def add_route(dst: Network, ifname: str | None = None, table: int | None = None,
+              via=None, *, replace: bool = False) -> None:
+    """`ip route add DST [via VIA] [dev IFNAME] [table TABLE]` (or `replace`)."""
+    verb = "replace" if replace else "add"
+    with _netlink(f"cannot {verb} route {_route_text(dst, ifname, table, via)}") as ipr:
+        ipr.route(verb, **_route_spec(ipr, dst, ifname, table, via))
+
+
+def del_route(dst: Network, ifname: str | None = None, table: int | None = None,
+              via=None) -> None:
+    """Delete a route; a route (or interface) that is already gone is not an error."""
+    if ifname is not None and not link_exists(ifname):
+        return
+    with _netlink(f"cannot delete route {_route_text(dst, ifname, table, via)}",
+                  ignore=(errno.ESRCH, errno.ENOENT, errno.ENODEV)) as ipr:
+        ipr.route("del", **_route_spec(ipr, dst, ifname, table, via))
+
+
+def _rule_spec(table, family, fwmark, invert, suppress_prefixlength, priority) -> dict:
+    spec = {"family": _FAMILY[family], "table": int(table)}
+    if fwmark is not None:
+        spec["fwmark"] = int(fwmark)
+    if invert:
+        spec["flags"] = FIB_RULE_INVERT
+    if suppress_prefixlength is not None:
+        # FRA_SUPPRESS_PREFIXLEN; pyroute2 silently drops keys it does not know.
+        spec["suppress_prefixlen"] = int(suppress_prefixlength)
+    # pyroute2 0.9 fills in priority 32000 when the key is absent; an explicit None leaves the
+    # choice to the kernel, like `ip rule add` does.
+    spec["priority"] = None if priority is None else int(priority)
+    return spec
+
+
+def add_rule(table: int, *, family: int = 4, fwmark: int | None = None, invert: bool = False,
+             suppress_prefixlength: int | None = None, priority: int | None = None) -> None:
+    """`ip rule add [not] [fwmark M] table T [suppress_prefixlength N] [pref P]`.
+
+    Without `priority` the kernel picks one just above the first rule, as `ip rule add` does, so
+    adding wg-quick's pair in its order (`not fwmark M table T`, then `table main
+    suppress_prefixlength 0`) puts the second in front of the first.
+    """
+    spec = _rule_spec(table, family, fwmark, invert, suppress_prefixlength, priority)
+    with _netlink(f"cannot add rule {spec}") as ipr:
+        ipr.rule("add", **spec)
+
+
+def del_rule(table: int, *, family: int = 4, fwmark: int | None = None, invert: bool = False,
+             suppress_prefixlength: int | None = None, priority: int | None = None) -> None:
+    """Delete the first rule matching every given selector; no match is not an error.
+
+    Be as specific as the rule was when added: `del_rule(254)` alone would match the system's
+    own `from all lookup main`.
+    """
+    spec = _rule_spec(table, family, fwmark, invert, suppress_prefixlength, priority)
+    with _netlink(f"cannot delete rule {spec}", ignore=(errno.ENOENT, errno.ESRCH)) as ipr:
+        ipr.rule("del", **spec)
+
+
+def default_route_interface(family: int = 4) -> str | None:
+    """The interface of the main table's default route (lowest metric), or None."""
+    best: tuple[int, int] | None = None
+    with _netlink("cannot read the routing table") as ipr:
+        for route in ipr.route("dump", family=_FAMILY[family], table=MAIN_TABLE):
+            if route["dst_len"] != 0 or route.get("RTA_TABLE", MAIN_TABLE) != MAIN_TABLE:
+                continue
+            oif = route.get("RTA_OIF")
+            if oif is None:  # multipath: take the first hop
+                hops = route.get("RTA_MULTIPATH") or []
+                oif = hops[0]["oif"] if hops else None
+            if oif is None:
+                continue
+            metric = route.get("RTA_PRIORITY") or 0
+            if best is None or metric < best[0]:
+                best = (metric, oif)
+        return _ifname(ipr, best[1]) if best else None
+
+
+def set_socket_mark(sock: socket.socket, mark: int) -> None:
+    """SO_MARK, so the tunnel's own UDP packets escape the full-tunnel rule."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    except OSError as exc:
+        raise LinuxError(f"cannot set fwmark {mark} on a socket: {exc.strerror}"
+                         " (needs CAP_NET_ADMIN)") from None
+
+
+def _ip_lines(*argv: str) -> list[str]:
+    try:
+        out = subprocess.run(["ip", *argv], capture_output=True, text=True, check=True).stdout
+    except FileNotFoundError:
+        raise LinuxError("the ip command (iproute2) is not installed") from None
+    except subprocess.CalledProcessError as exc:
+        raise LinuxError(f"ip {' '.join(argv)} failed: {exc.stderr.strip()}") from None
+    return [" ".join(line.split()) for line in out.splitlines() if line.strip()]
+
+
+def route_dump() -> list[str]:
+    """Every route of every table, both families, sorted: equal lists mean equal routing."""
+    return sorted(
+        [f"inet {r}" for r in _ip_lines("-4", "route", "show", "table", "all")]
+        + [f"inet6 {r}" for r in _ip_lines("-6", "route", "show", "table", "all")]
+    )
+
+
+def rule_dump() -> list[str]:
+    """Every policy rule, both families, in priority order."""
+    return [f"inet {r}" for r in _ip_lines("-4", "rule", "show")] + [
+        f"inet6 {r}" for r in _ip_lines("-6", "rule", "show")
+    ]
