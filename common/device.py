@@ -1,0 +1,430 @@
+"""The sans-IO WireGuard device: many peers, bytes and `now` in, effects out.
+
+    device.receive(datagram, source, now)   a UDP datagram from the network
+    device.send(packet, now)                an IP packet read from the tunnel interface
+    device.tick(now)                        timers; call a few times a second
+
+Effects accumulate in three lists the caller drains: `net_out` of (datagram, endpoint),
+`tun_out` of IP packets, and `events` of (kind, peer, detail) for logs. Endpoints are opaque
+socket addresses; `now` is monotonic seconds. Randomness (`rng(n) -> bytes`) and the wall clock
+for TAI64N timestamps are injected. Every drop is counted in `drops` by reason.
+
+Untrusted input is checked cheapest first: exact length, mac1, (under load) mac2 and per-source
+rate limit, index lookup, replay quick check, AEAD, replay mark, inner source address, and only
+then an endpoint update (roaming).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections import Counter
+
+from . import noise, wire
+from .allowedips import AllowedIPs
+from .cookie import CookieChecker, RateLimiter, source_bytes
+from .crypto import DH_pubkey, CryptoFailure, clamp
+from .keys import check_public
+from .peer import (HANDSHAKE_INITIATION_RATE, RECEIVE_REKEY_AGE, REJECT_AFTER_MESSAGES,
+                   REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME, REKEY_TIMEOUT,
+                   Keypair, PendingHandshake, Peer)
+from .timers import Timers
+
+_TRANSPORT_HDR = struct.Struct("<IIQ")
+_PAD = bytes(16)
+UNDER_LOAD_WINDOW = 1.0
+
+
+class Device(Timers):
+    def __init__(self, private_key: bytes, *, rng=os.urandom, wallclock=time.time,
+                 mtu: int = 1420, allow_peer_to_peer: bool = True,
+                 under_load_threshold: int = 1000):
+        self.private_key = clamp(private_key)
+        self.public_key = DH_pubkey(self.private_key)
+        self.rng = rng
+        self.wallclock = wallclock
+        self.mtu = mtu
+        self.allow_peer_to_peer = allow_peer_to_peer
+        self.under_load_threshold = under_load_threshold
+        self.peers: dict[bytes, Peer] = {}
+        self.allowed_ips = AllowedIPs()
+        self.keypairs: dict[int, Keypair] = {}  # by our receiver index
+        self.handshakes: dict[int, Peer] = {}  # initiation in flight, by our sender index
+        self.cookie_checker = CookieChecker(self.public_key, rng)
+        self.rate_limiter = RateLimiter()
+        self.responder_ck, self.responder_h = noise.initial_state(self.public_key)
+        self.net_out: list = []
+        self.tun_out: list = []
+        self.events: list = []
+        self.drops: Counter = Counter()
+        self._handshake_window_start = 0.0
+        self._handshake_count = 0
+        self._under_load_until = -1.0
+        Timers.__init__(self)
+
+    def __repr__(self) -> str:
+        return f"Device(peers={len(self.peers)}, keys=<redacted>)"
+
+    # -- configuration ---------------------------------------------------------------------
+
+    def add_peer(self, public_key: bytes, *, preshared_key: bytes | None = None,
+                 allowed_ips=(), endpoint=None, persistent_keepalive: int = 0,
+                 name: str | None = None) -> Peer:
+        check_public(public_key)
+        if public_key == self.public_key:
+            raise ValueError("a peer cannot have the device's own public key")
+        if public_key in self.peers:
+            raise ValueError(f"peer {name or ''} is already configured".replace("  ", " "))
+        peer = Peer(self.private_key, public_key, preshared_key=preshared_key, endpoint=endpoint,
+                    persistent_keepalive=persistent_keepalive, name=name)
+        self.peers[public_key] = peer
+        for network in allowed_ips:
+            self.allowed_ips.insert(network, peer)
+        return peer
+
+    def remove_peer(self, public_key: bytes) -> None:
+        peer = self.peers.pop(public_key, None)
+        if peer is None:
+            return
+        self.allowed_ips.remove_by_peer(peer)
+        self.zero_key_material(peer)
+        peer.staged.clear()
+        self.disarm(peer)
+
+    def set_allowed_ips(self, peer: Peer, networks) -> None:
+        self.allowed_ips.remove_by_peer(peer)
+        for network in networks:
+            self.allowed_ips.insert(network, peer)
+
+    def _new_index(self) -> int:
+        while True:
+            index = int.from_bytes(self.rng(4), "little")
+            if index not in self.keypairs and index not in self.handshakes:
+                return index
+
+    # -- from the tunnel interface -----------------------------------------------------------
+
+    def send(self, packet, now: float) -> None:
+        peer = self.allowed_ips.lookup_packet_dst(packet)
+        if peer is None:
+            self.drops["no_route"] += 1
+            return
+        kp = peer.current
+        if (kp is None or peer.staged or peer.endpoint is None or not kp.can_send(now)):
+            peer.staged.append(bytes(packet))
+            self.send_staged(peer, now)
+            return
+        self._seal(peer, kp, packet, now)
+        self.data_sent(peer, now)
+        if kp.initiator and (now - kp.created > REKEY_AFTER_TIME
+                             or kp.send_counter > REKEY_AFTER_MESSAGES):
+            self.initiate(peer, now, retry=False)
+
+    def _seal(self, peer: Peer, kp: Keypair, packet, now: float) -> None:
+        n = len(packet)
+        padded = (n + 15) & ~15
+        if padded > self.mtu >= n:
+            padded = self.mtu
+        if padded != n:
+            packet = bytes(packet) + _PAD[:padded - n]
+        counter = kp.send_counter
+        kp.send_counter = counter + 1
+        datagram = _TRANSPORT_HDR.pack(4, kp.remote_index, counter) + kp.send.seal(counter, packet)
+        self.net_out.append((datagram, peer.endpoint))
+        peer.tx_bytes += len(datagram)
+        self.authenticated_sent(peer, now)
+
+    def send_staged(self, peer: Peer, now: float) -> None:
+        """Send what waits for a session, or start a handshake to get one."""
+        kp = peer.current
+        if kp is None or not kp.can_send(now) or peer.endpoint is None:
+            self.initiate(peer, now, retry=False)
+            return
+        sent_data = False
+        while peer.staged:
+            packet = peer.staged.popleft()
+            if not kp.can_send(now):
+                peer.staged.appendleft(packet)
+                self.initiate(peer, now, retry=False)
+                return
+            self._seal(peer, kp, packet, now)
+            sent_data = sent_data or len(packet) > 0
+        if sent_data:
+            self.data_sent(peer, now)
+        if kp.initiator and (now - kp.created > REKEY_AFTER_TIME
+                             or kp.send_counter > REKEY_AFTER_MESSAGES):
+            self.initiate(peer, now, retry=False)
+
+    def send_keepalive(self, peer: Peer, now: float) -> None:
+        if not peer.staged:
+            peer.staged.append(b"")
+        self.send_staged(peer, now)
+
+    # -- handshake: initiating ------------------------------------------------------------------
+
+    def initiate(self, peer: Peer, now: float, *, retry: bool = False) -> None:
+        """Send a handshake initiation unless one went out less than REKEY_TIMEOUT ago."""
+        if not retry:
+            peer.handshake_attempts = 0
+        if peer.last_sent_handshake is not None and now - peer.last_sent_handshake < REKEY_TIMEOUT:
+            return
+        if peer.endpoint is None:
+            self.drops["no_endpoint"] += 1
+            return
+        peer.last_sent_handshake = now
+        if peer.handshake is not None:
+            self.handshakes.pop(peer.handshake.local_index, None)
+        index = self._new_index()
+        e_priv = clamp(self.rng(32))
+        e_pub, enc_static, enc_ts, ck, h = noise.create_initiation(
+            peer.initial_ck, peer.initial_h, static_public=self.public_key,
+            static_static=peer.static_static, responder_static=peer.public_key,
+            ephemeral_private=e_priv, payload=noise.tai64n(self.wallclock()))
+        peer.handshake = PendingHandshake(index, ck, h, e_priv, now)
+        self.handshakes[index] = peer
+        msg = wire.Initiation(index, e_pub, enc_static, enc_ts, b"", b"").pack_without_macs()
+        datagram = peer.cookies.add_macs(msg, now)
+        self.net_out.append((datagram, peer.endpoint))
+        peer.tx_bytes += len(datagram)
+        self.authenticated_sent(peer, now)
+        self.handshake_initiated(peer, now)
+
+    # -- from the network -------------------------------------------------------------------------
+
+    def receive(self, data, src, now: float) -> None:
+        if len(data) >= 32 and data[0] == 4 and data[1] == 0 and data[2] == 0 and data[3] == 0:
+            self._receive_transport(data, src, now)
+            return
+        try:
+            kind = wire.message_type(data)
+            if kind == wire.MSG_INITIATION:
+                self._receive_initiation(bytes(data), src, now)
+            elif kind == wire.MSG_RESPONSE:
+                self._receive_response(bytes(data), src, now)
+            elif kind == wire.MSG_COOKIE_REPLY:
+                self._receive_cookie_reply(bytes(data), now)
+            else:
+                self.drops["bad_type"] += 1
+        except wire.BadPacket as exc:
+            self.drops[exc.reason] += 1
+
+    def under_load(self, now: float) -> bool:
+        return now < self._under_load_until
+
+    def _admit_handshake(self, data: bytes, mac1_offset: int, sender: int, src,
+                         now: float) -> bool:
+        """mac1 always; under load mac2 (else a cookie reply) and the per-source rate limit."""
+        if not self.cookie_checker.check_mac1(data, mac1_offset):
+            self.drops["bad_mac1"] += 1
+            return False
+        if now - self._handshake_window_start >= UNDER_LOAD_WINDOW:
+            self._handshake_window_start = now
+            self._handshake_count = 0
+        self._handshake_count += 1
+        if self._handshake_count > self.under_load_threshold:
+            self._under_load_until = now + UNDER_LOAD_WINDOW
+        if not self.under_load(now):
+            return True
+        try:
+            src_bytes = source_bytes(src)
+        except (ValueError, IndexError, TypeError, AttributeError):
+            self.drops["bad_source"] += 1
+            return False
+        if not self.cookie_checker.check_mac2(data, mac1_offset, src_bytes, now):
+            reply = self.cookie_checker.create_reply(data, mac1_offset, sender, src_bytes, now)
+            self.net_out.append((reply, src))
+            self.drops["cookie_sent"] += 1
+            return False
+        if not self.rate_limiter.allow(src, now):
+            self.drops["rate_limited"] += 1
+            return False
+        return True
+
+    def _receive_initiation(self, data: bytes, src, now: float) -> None:
+        msg = wire.parse_initiation(data)
+        if not self._admit_handshake(data, wire.INITIATION_MAC1, msg.sender, src, now):
+            return
+        try:
+            initiator_static, ck, h = noise.consume_initiation_static(
+                self.responder_ck, self.responder_h, static_private=self.private_key,
+                e_pub=msg.ephemeral, encrypted_static=msg.encrypted_static)
+        except CryptoFailure:
+            self.drops["bad_initiation"] += 1
+            return
+        peer = self.peers.get(initiator_static)
+        if peer is None:
+            self.drops["unknown_peer"] += 1
+            return
+        try:
+            timestamp, ck, h = noise.consume_initiation_payload(
+                ck, h, static_static=peer.static_static, encrypted_payload=msg.encrypted_timestamp)
+        except CryptoFailure:
+            self.drops["bad_initiation"] += 1
+            return
+        if timestamp <= peer.greatest_timestamp:
+            self.drops["replayed_initiation"] += 1
+            return
+        if (peer.last_initiation_consumed is not None
+                and now - peer.last_initiation_consumed < HANDSHAKE_INITIATION_RATE):
+            self.drops["initiation_flood"] += 1
+            return
+        peer.greatest_timestamp = timestamp
+        peer.last_initiation_consumed = now
+        index = self._new_index()
+        e_priv = clamp(self.rng(32))
+        try:
+            e_pub, enc_nothing, ck, h = noise.create_response(
+                ck, h, ephemeral_private=e_priv, initiator_ephemeral=msg.ephemeral,
+                initiator_static=peer.public_key, psk=peer.preshared_key)
+        except CryptoFailure:
+            self.drops["bad_initiation"] += 1
+            return
+        recv_key, send_key = noise.split(ck)
+        kp = Keypair(peer, send_key, recv_key, index, msg.sender, now, initiator=False)
+        # Responder: the new keypair waits as `next` until the initiator uses it.
+        if peer.next is not None:
+            self.keypairs.pop(peer.next.local_index, None)
+        if peer.previous is not None:
+            self.keypairs.pop(peer.previous.local_index, None)
+        peer.previous = None
+        peer.next = kp
+        self.keypairs[index] = kp
+        self._set_endpoint(peer, src)
+        response = wire.Response(index, msg.sender, e_pub, enc_nothing, b"", b"").pack_without_macs()
+        datagram = peer.cookies.add_macs(response, now)
+        self.net_out.append((datagram, peer.endpoint))
+        peer.rx_bytes += len(data)
+        peer.tx_bytes += len(datagram)
+        self.session_derived(peer, now)
+        self.authenticated_received(peer, now)
+        self.authenticated_sent(peer, now)
+
+    def _receive_response(self, data: bytes, src, now: float) -> None:
+        msg = wire.parse_response(data)
+        if not self._admit_handshake(data, wire.RESPONSE_MAC1, msg.sender, src, now):
+            return
+        peer = self.handshakes.get(msg.receiver)
+        if peer is None or peer.handshake is None or peer.handshake.local_index != msg.receiver:
+            self.drops["unknown_index"] += 1
+            return
+        hs = peer.handshake
+        try:
+            _, ck, h = noise.consume_response(
+                hs.ck, hs.h, ephemeral_private=hs.ephemeral_private,
+                static_private=self.private_key, responder_ephemeral=msg.ephemeral,
+                encrypted_payload=msg.encrypted_nothing, psk=peer.preshared_key)
+        except CryptoFailure:
+            self.drops["bad_response"] += 1
+            return
+        send_key, recv_key = noise.split(ck)
+        del self.handshakes[hs.local_index]
+        peer.handshake = None
+        kp = Keypair(peer, send_key, recv_key, hs.local_index, msg.sender, now, initiator=True)
+        self.keypairs[kp.local_index] = kp
+        # Initiator: the new keypair is current at once; a responder keypair in waiting becomes
+        # `previous` so what the other side sent on it still decrypts (simultaneous initiation).
+        old_previous = peer.previous
+        if peer.next is not None:
+            peer.previous = peer.next
+            peer.next = None
+            self._forget(peer.current)
+        else:
+            peer.previous = peer.current
+        self._forget(old_previous)
+        peer.current = kp
+        peer.rx_bytes += len(data)
+        self._set_endpoint(peer, src)
+        self.session_derived(peer, now)
+        self.handshake_complete(peer, now)
+        self.authenticated_received(peer, now)
+        self.send_keepalive(peer, now)
+
+    def _receive_cookie_reply(self, data: bytes, now: float) -> None:
+        msg = wire.parse_cookie_reply(data)
+        peer = self.handshakes.get(msg.receiver)
+        if peer is None:
+            kp = self.keypairs.get(msg.receiver)
+            peer = kp.peer if kp is not None else None
+        if peer is None:
+            self.drops["unknown_index"] += 1
+            return
+        if not peer.cookies.consume_reply(msg.nonce, msg.encrypted_cookie, now):
+            self.drops["bad_cookie"] += 1
+
+    def _receive_transport(self, data, src, now: float) -> None:
+        _, receiver, counter = _TRANSPORT_HDR.unpack_from(data, 0)
+        kp = self.keypairs.get(receiver)
+        if kp is None:
+            self.drops["unknown_index"] += 1
+            return
+        if now - kp.created >= REJECT_AFTER_TIME:
+            self.drops["expired_keypair"] += 1
+            return
+        replay = kp.replay
+        if not replay.check(counter, REJECT_AFTER_MESSAGES):
+            self.drops["replay"] += 1
+            return
+        try:
+            plaintext = kp.recv.open(counter, data[16:])
+        except CryptoFailure:
+            self.drops["decrypt"] += 1
+            return
+        if not replay.validate(counter, REJECT_AFTER_MESSAGES):
+            self.drops["replay"] += 1
+            return
+        peer = kp.peer
+        if kp is peer.next:
+            self._confirm(peer, kp, now)
+        if src != peer.endpoint:
+            self._set_endpoint(peer, src)
+        peer.rx_bytes += len(data)
+        self.authenticated_received(peer, now)
+        if kp.initiator and not peer.sent_last_minute_handshake and now - kp.created > RECEIVE_REKEY_AGE:
+            peer.sent_last_minute_handshake = True
+            self.initiate(peer, now, retry=False)
+        if not plaintext:
+            return  # keepalive
+        self.data_received(peer, now)
+        length = wire.ip_packet_length(plaintext)
+        if length < 0:
+            self.drops["bad_inner_packet"] += 1
+            return
+        if not self.allowed_ips.contains_src(plaintext, peer):
+            self.drops["source_not_allowed"] += 1
+            return
+        if not self.allow_peer_to_peer and self.allowed_ips.lookup_packet_dst(plaintext) is not None:
+            self.drops["peer_to_peer"] += 1
+            return
+        self.tun_out.append(plaintext if length == len(plaintext) else plaintext[:length])
+
+    # -- keypair bookkeeping ---------------------------------------------------------------------
+
+    def _confirm(self, peer: Peer, kp: Keypair, now: float) -> None:
+        """The initiator used our `next` keypair: it becomes current (key confirmation)."""
+        self._forget(peer.previous)
+        peer.previous = peer.current
+        peer.current = kp
+        peer.next = None
+        self.handshake_complete(peer, now)
+        if peer.staged:
+            self.send_staged(peer, now)
+
+    def _forget(self, kp: Keypair | None) -> None:
+        if kp is not None:
+            self.keypairs.pop(kp.local_index, None)
+
+    def _set_endpoint(self, peer: Peer, src) -> None:
+        if src != peer.endpoint:
+            old = peer.endpoint
+            peer.endpoint = src
+            if old is not None:
+                self.events.append(("endpoint", peer, src))
+
+    def zero_key_material(self, peer: Peer) -> None:
+        for kp in peer.keypairs():
+            self._forget(kp)
+        peer.current = peer.previous = peer.next = None
+        if peer.handshake is not None:
+            self.handshakes.pop(peer.handshake.local_index, None)
+            peer.handshake = None
