@@ -1,0 +1,1 @@
+"""pytun tests; a package so test modules can `from tests.netns import ...`."""
