@@ -86,14 +86,13 @@ def _run(argv: list[str], *, check=True, timeout=30.0, input=None, env=None):
     return done
 
 
-def _gone(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Running; an exited process or a zombie waiting for a parent that is not us is not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
-    return False
 
 
 class Netns:
@@ -163,10 +162,10 @@ class Netns:
             stragglers = self.pids()
             for pid in stragglers:
                 _signal(pid, signal.SIGTERM)
-            if not _poll(lambda: all(_gone(p) for p in stragglers), 2.0):
+            if not _poll(lambda: not any(map(process_alive, stragglers)), 2.0):
                 for pid in stragglers:
                     _signal(pid, signal.SIGKILL)
-                _poll(lambda: all(_gone(p) for p in stragglers), 2.0)
+                _poll(lambda: not any(map(process_alive, stragglers)), 2.0)
         finally:
             del _live[self.name]
             _run(["ip", "netns", "del", self.name], check=False)
