@@ -1,0 +1,335 @@
+"""wg-quick configuration files: parse, render, and strip to the `wg setconf` form.
+
+The format is the one wg(8) and wg-quick(8) read:
+
+    [Interface]
+    PrivateKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=
+    Address = 10.77.0.2/32, fd77::2/128
+    DNS = 10.77.0.1, corp.example
+
+    [Peer]
+    PublicKey = xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=
+    Endpoint = vpn.example.com:51820
+    AllowedIPs = 10.77.0.0/24
+    PersistentKeepalive = 25
+
+Keys and section names are case-insensitive, `#` starts a comment, list values may be split
+over several lines. Every error is a `ConfigError` whose message starts with `path:line:`.
+Key values are kept as 32 raw bytes and never appear in a repr.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
+
+from . import keys
+
+IPInterface = IPv4Interface | IPv6Interface
+IPNetwork = IPv4Network | IPv6Network
+IPAddress = IPv4Address | IPv6Address
+
+PLACEHOLDER_PREFIX = "<the private key that goes with "
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?$")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used. The message starts with `path:line:`."""
+
+
+@dataclass
+class InterfaceConfig:
+    private_key: bytes | None = field(default=None, repr=False)
+    addresses: list[IPInterface] = field(default_factory=list)
+    dns: list[IPAddress] = field(default_factory=list)
+    dns_search: list[str] = field(default_factory=list)
+    mtu: int | None = None
+    listen_port: int | None = None
+    fwmark: int | None = None
+    table: str | None = None
+    pre_up: list[str] = field(default_factory=list)
+    post_up: list[str] = field(default_factory=list)
+    pre_down: list[str] = field(default_factory=list)
+    post_down: list[str] = field(default_factory=list)
+    save_config: bool = False
+
+
+@dataclass
+class PeerConfig:
+    public_key: bytes
+    preshared_key: bytes | None = field(default=None, repr=False)
+    endpoint: tuple[str, int] | None = None
+    allowed_ips: list[IPNetwork] = field(default_factory=list)
+    persistent_keepalive: int = 0
+
+
+@dataclass
+class WgConfig:
+    interface: InterfaceConfig
+    peers: list[PeerConfig] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------- values
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` -> (host, port). Raises ValueError with a readable reason."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"endpoint {text!r} must look like [v6-address]:port")
+        try:
+            IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"endpoint {text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"endpoint {text!r} must look like host:port or [v6-address]:port")
+        if ":" in host:
+            raise ValueError(f"endpoint {text!r}: write an IPv6 address in brackets, [v6]:port")
+        if not _is_ip(host) and not _HOSTNAME.match(host):
+            raise ValueError(f"endpoint {text!r}: {host!r} is not a host name or address")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"endpoint {text!r}: port must be a number from 1 to 65535")
+    return host, int(port)
+
+
+def format_endpoint(endpoint: tuple[str, int]) -> str:
+    host, port = endpoint
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def placeholder_for(public_key: bytes) -> str:
+    """The PrivateKey value add-peer writes when the laptop keeps its own private key."""
+    return f"{PLACEHOLDER_PREFIX}{keys.encode_key(public_key)}>"
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _split_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _int(value: str, what: str, low: int, high: int) -> int:
+    try:
+        n = int(value, 0)
+    except ValueError:
+        raise ValueError(f"{what} must be a number, not {value!r}") from None
+    if not low <= n <= high:
+        raise ValueError(f"{what} must be from {low} to {high}, not {n}")
+    return n
+
+
+# ---------------------------------------------------------------------------------- parse
+
+
+def _set_interface(iface: InterfaceConfig, key: str, value: str) -> None:
+    if key == "privatekey":
+        if value.startswith("<") and value.endswith(">"):
+            raise ValueError(
+                f"PrivateKey is a placeholder: {value}; replace it with the laptop's own "
+                "private key (the one `wg pubkey` turns into the public key the hub knows)"
+            )
+        iface.private_key = keys.parse_private(value, "PrivateKey")
+    elif key == "address":
+        for item in _split_list(value):
+            try:
+                iface.addresses.append(ipaddress.ip_interface(item))
+            except ValueError:
+                raise ValueError(f"Address {item!r} is not an IP address with optional /prefix") from None
+    elif key == "dns":
+        for item in _split_list(value):
+            if _is_ip(item):
+                iface.dns.append(ipaddress.ip_address(item))
+            elif _HOSTNAME.match(item):
+                iface.dns_search.append(item)
+            else:
+                raise ValueError(f"DNS {item!r} is neither an IP address nor a search domain")
+    elif key == "mtu":
+        iface.mtu = _int(value, "MTU", 576, 65535)
+    elif key == "listenport":
+        iface.listen_port = _int(value, "ListenPort", 0, 65535)
+    elif key == "fwmark":
+        iface.fwmark = 0 if value.lower() == "off" else _int(value, "FwMark", 0, 0xFFFFFFFF)
+    elif key == "table":
+        if value.lower() not in ("off", "auto") and not value.isdigit() and not re.match(r"^\w+$", value):
+            raise ValueError(f"Table must be off, auto, a number or a table name, not {value!r}")
+        iface.table = value
+    elif key in _HOOKS:
+        getattr(iface, _HOOKS[key]).append(value)
+    elif key == "saveconfig":
+        if value.lower() not in ("true", "false"):
+            raise ValueError(f"SaveConfig must be true or false, not {value!r}")
+        iface.save_config = value.lower() == "true"
+    else:
+        raise KeyError(key)
+
+
+def _set_peer(peer: dict, key: str, value: str) -> None:
+    if key == "publickey":
+        peer["public_key"] = keys.parse_public(value, "PublicKey")
+    elif key == "presharedkey":
+        peer["preshared_key"] = keys.parse_psk(value, "PresharedKey")
+    elif key == "endpoint":
+        peer["endpoint"] = parse_endpoint(value)
+    elif key == "allowedips":
+        for item in _split_list(value):
+            try:
+                peer["allowed_ips"].append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ValueError(f"AllowedIPs {item!r} is not an IP network") from None
+    elif key == "persistentkeepalive":
+        peer["persistent_keepalive"] = 0 if value.lower() == "off" else _int(value, "PersistentKeepalive", 0, 65535)
+    else:
+        raise KeyError(key)
+
+
+_HOOKS = {"preup": "pre_up", "postup": "post_up", "predown": "pre_down", "postdown": "post_down"}
+_SINGLE = {"privatekey", "mtu", "listenport", "fwmark", "table", "saveconfig",
+           "publickey", "presharedkey", "endpoint", "persistentkeepalive"}
+
+
+def parse(text: str, path: str = "<config>", *, require_private_key: bool = True) -> WgConfig:
+    """Parse wg-quick text. `path` only names the source in error messages."""
+    iface: InterfaceConfig | None = None
+    iface_line = 0
+    peers: list[tuple[int, dict]] = []
+    section: str | None = None
+    seen: dict[str, int] = {}
+
+    def fail(lineno: int, msg: str) -> ConfigError:
+        return ConfigError(f"{path}:{lineno}: {msg}")
+
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("["):
+            name = line.lower()
+            if name == "[interface]":
+                if iface is not None:
+                    raise fail(lineno, f"a second [Interface] section (the first is at line {iface_line})")
+                iface, iface_line, section = InterfaceConfig(), lineno, "interface"
+            elif name == "[peer]":
+                peers.append((lineno, {"allowed_ips": []}))
+                section = "peer"
+            else:
+                raise fail(lineno, f"unknown section {line}; expected [Interface] or [Peer]")
+            seen = {}
+            continue
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise fail(lineno, f"expected `Key = value`, got {line[:40]!r}")
+        if section is None:
+            raise fail(lineno, f"{key} appears before any [Interface] or [Peer] section")
+        lkey = key.lower()
+        if lkey in _SINGLE and lkey in seen:
+            raise fail(lineno, f"{key} given twice in one section (first at line {seen[lkey]})")
+        seen[lkey] = lineno
+        try:
+            if section == "interface":
+                _set_interface(iface, lkey, value)
+            else:
+                _set_peer(peers[-1][1], lkey, value)
+        except KeyError:
+            where = "[Interface]" if section == "interface" else "[Peer]"
+            raise fail(lineno, f"unknown key {key!r} in {where}") from None
+        except ValueError as exc:  # keys.BadKey is a ValueError too
+            raise fail(lineno, str(exc)) from None
+
+    if iface is None:
+        raise fail(1, "no [Interface] section")
+    if require_private_key and iface.private_key is None:
+        raise fail(iface_line, "missing PrivateKey in [Interface]")
+    result = WgConfig(interface=iface)
+    first_seen: dict[bytes, int] = {}
+    for lineno, fields in peers:
+        if "public_key" not in fields:
+            raise fail(lineno, "[Peer] without a PublicKey")
+        pk = fields["public_key"]
+        if pk in first_seen:
+            raise fail(lineno, f"the same PublicKey is already a [Peer] at line {first_seen[pk]}")
+        first_seen[pk] = lineno
+        result.peers.append(PeerConfig(**fields))
+    return result
+
+
+def load(path: str, *, require_private_key: bool = True) -> WgConfig:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}:1: not a text file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}:0: cannot read: {exc.strerror}") from None
+    return parse(text, path, require_private_key=require_private_key)
+
+
+# ---------------------------------------------------------------------------------- render
+
+
+def render(config: WgConfig, *, placeholder_public_key: bytes | None = None) -> str:
+    """wg-quick text for `config`.
+
+    With no private key, `placeholder_public_key` writes a placeholder PrivateKey line that
+    `parse` refuses with a clear message (the laptop owner fills in their own key).
+    """
+    return _render(config, wg_quick=True, placeholder_public_key=placeholder_public_key)
+
+
+def strip(config: WgConfig | str) -> str:
+    """The `wg setconf` form, as `wg-quick strip` gives it: no Address, DNS, MTU, Table,
+    Pre/Post hooks or SaveConfig."""
+    if isinstance(config, str):
+        config = parse(config, require_private_key=False)
+    return _render(config, wg_quick=False, placeholder_public_key=None)
+
+
+def _render(config: WgConfig, *, wg_quick: bool, placeholder_public_key: bytes | None) -> str:
+    i = config.interface
+    out = ["[Interface]"]
+    if i.private_key is not None:
+        out.append(f"PrivateKey = {keys.encode_key(i.private_key)}")
+    elif placeholder_public_key is not None:
+        out.append(f"PrivateKey = {placeholder_for(placeholder_public_key)}")
+    if i.listen_port is not None:
+        out.append(f"ListenPort = {i.listen_port}")
+    if i.fwmark is not None:
+        out.append(f"FwMark = {i.fwmark:#x}" if i.fwmark else "FwMark = off")
+    if wg_quick:
+        if i.addresses:
+            out.append("Address = " + ", ".join(str(a) for a in i.addresses))
+        if i.dns or i.dns_search:
+            out.append("DNS = " + ", ".join([str(d) for d in i.dns] + i.dns_search))
+        if i.mtu is not None:
+            out.append(f"MTU = {i.mtu}")
+        if i.table is not None:
+            out.append(f"Table = {i.table}")
+        for key, cmds in (("PreUp", i.pre_up), ("PostUp", i.post_up),
+                          ("PreDown", i.pre_down), ("PostDown", i.post_down)):
+            out.extend(f"{key} = {cmd}" for cmd in cmds)
+        if i.save_config:
+            out.append("SaveConfig = true")
+    for p in config.peers:
+        out += ["", "[Peer]", f"PublicKey = {keys.encode_key(p.public_key)}"]
+        if p.preshared_key is not None:
+            out.append(f"PresharedKey = {keys.encode_key(p.preshared_key)}")
+        if p.endpoint is not None:
+            out.append(f"Endpoint = {format_endpoint(p.endpoint)}")
+        if p.allowed_ips:
+            out.append("AllowedIPs = " + ", ".join(str(n) for n in p.allowed_ips))
+        if p.persistent_keepalive:
+            out.append(f"PersistentKeepalive = {p.persistent_keepalive}")
+    return "\n".join(out) + "\n"
