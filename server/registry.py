@@ -1,0 +1,337 @@
+"""The peer registry: who may connect to the hub, with which key, at which inner address.
+
+`Registry` is the interface the hub and pytun-admin use; `SqliteRegistry` is the embedded
+default (one file, WAL, fsync on every commit). Every method either does all of its work or
+raises `RegistryError` and leaves the database as it was.
+
+A running hub notices changes made by pytun-admin (another connection, usually another process)
+by polling `change_token()`, which is cheap: it reads SQLite's data_version counter.
+"""
+
+from __future__ import annotations
+
+import abc
+import ipaddress
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
+
+from pytun.common import keys
+
+IPInterface = IPv4Interface | IPv6Interface
+IPNetwork = IPv4Network | IPv6Network
+
+SCHEMA_VERSION = 1
+NAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,32}$")
+
+
+class RegistryError(ValueError):
+    """A refused registry operation; the message says why, in one line."""
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise RegistryError(f"bad peer name {name!r}: use 1-32 characters of A-Z a-z 0-9 . _ @ -")
+    return name
+
+
+def host_address(value) -> IPInterface:
+    """10.77.0.2, 10.77.0.2/32 -> IPv4Interface('10.77.0.2/32'). Wider prefixes are refused."""
+    try:
+        iface = ipaddress.ip_interface(value)
+    except ValueError:
+        raise RegistryError(f"{value!s} is not an IP address") from None
+    if iface.network.prefixlen != iface.max_prefixlen:
+        raise RegistryError(f"{value} must be a single address (/{iface.max_prefixlen})")
+    return iface
+
+
+@dataclass
+class Peer:
+    name: str
+    public_key: str
+    address: IPInterface
+    sites: list[IPNetwork] = field(default_factory=list)
+    full_tunnel: bool = False
+    keepalive: int = 0  # PersistentKeepalive in seconds; 0 = off
+    disabled: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    preshared_key: str | None = field(default=None, repr=False)
+    endpoint: str | None = None
+    last_handshake: int | None = None
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        try:
+            self.public_key = keys.encode_key(keys.parse_public(self.public_key))
+            if self.preshared_key is not None:
+                self.preshared_key = keys.encode_key(keys.parse_psk(self.preshared_key))
+        except keys.BadKey as exc:
+            raise RegistryError(str(exc)) from None
+        self.address = host_address(self.address)
+        sites = []
+        for site in self.sites:
+            try:
+                sites.append(ipaddress.ip_network(site))
+            except ValueError as exc:
+                raise RegistryError(f"bad site {site!s}: {exc}") from None
+        self.sites = sites
+        if not isinstance(self.keepalive, int) or not 0 <= self.keepalive <= 65535:
+            raise RegistryError(f"keepalive must be 0 (off) to 65535 seconds, not {self.keepalive!r}")
+        self.full_tunnel, self.disabled = bool(self.full_tunnel), bool(self.disabled)
+
+
+class Registry(abc.ABC):
+    """What the hub and pytun-admin need from a peer store (SQLite now, PostgreSQL later)."""
+
+    @abc.abstractmethod
+    def add(self, peer: Peer, *, subnet: IPNetwork | None = None, reserved: set = frozenset()) -> None:
+        """Store a new peer. With `subnet`, its address must be a free host of that subnet."""
+
+    @abc.abstractmethod
+    def remove(self, name: str) -> Peer: ...
+
+    @abc.abstractmethod
+    def set_disabled(self, name: str, flag: bool) -> None: ...
+
+    @abc.abstractmethod
+    def get(self, name: str) -> Peer: ...
+
+    @abc.abstractmethod
+    def list(self) -> list[Peer]:
+        """All peers, ordered by address."""
+
+    @abc.abstractmethod
+    def allocate_address(self, subnet: IPNetwork, reserved: set = frozenset()) -> IPInterface:
+        """The lowest host address of `subnet` that no peer uses and that is not reserved."""
+
+    @abc.abstractmethod
+    def record_endpoint(self, name_or_public_key: str, endpoint: str | None,
+                        last_handshake: int | None) -> None: ...
+
+    @abc.abstractmethod
+    def change_token(self) -> object:
+        """A value that differs after another connection committed, or after this one changed
+        the set of peers (add, remove, enable, disable; not record_endpoint)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_in_subnet(address: IPInterface, subnet: IPNetwork, reserved=frozenset()) -> None:
+    ip = address.ip
+    if ip.version != subnet.version or ip not in subnet:
+        raise RegistryError(f"address {ip} is outside the subnet {subnet}")
+    if ip == subnet.network_address or (subnet.version == 4 and ip == subnet.broadcast_address):
+        raise RegistryError(f"address {ip} is not a host address of {subnet}")
+    if ip == subnet.network_address + 1 or ip in {ipaddress.ip_interface(r).ip for r in reserved}:
+        raise RegistryError(f"address {ip} is reserved for the hub")
+
+
+_SCHEMA = """
+CREATE TABLE peers (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    public_key TEXT NOT NULL UNIQUE,
+    address TEXT NOT NULL UNIQUE,
+    sites TEXT NOT NULL DEFAULT '[]',
+    full_tunnel INTEGER NOT NULL DEFAULT 0,
+    keepalive INTEGER NOT NULL DEFAULT 0,
+    disabled INTEGER NOT NULL DEFAULT 0,
+    created INTEGER NOT NULL,
+    preshared_key TEXT,
+    endpoint TEXT,
+    last_handshake INTEGER
+);
+"""
+_COLUMNS = ("name", "public_key", "address", "sites", "full_tunnel", "keepalive", "disabled",
+            "created", "preshared_key", "endpoint", "last_handshake")
+
+
+def _to_peer(row) -> Peer:
+    d = dict(zip(_COLUMNS, row))
+    d["sites"] = json.loads(d["sites"])
+    return Peer(**d)
+
+
+class SqliteRegistry(Registry):
+    def __init__(self, path: str, *, create: bool = True):
+        self.path = path
+        if not os.path.exists(path):
+            if not create:
+                raise RegistryError(f"registry {path} does not exist")
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise RegistryError(f"cannot create {path}: {exc.strerror}") from None
+        self._lock = threading.Lock()
+        self._commits = 0
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        except sqlite3.Error as exc:
+            raise RegistryError(f"cannot open {path}: {exc}") from None
+        try:
+            self._setup()
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise RegistryError(f"cannot use {path}: {exc}") from None
+        except RegistryError:
+            self._db.close()
+            raise
+
+    def _setup(self) -> None:
+        db = self._db
+        db.execute("PRAGMA busy_timeout = 5000")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                db.execute(_SCHEMA.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version > SCHEMA_VERSION:
+                raise RegistryError(f"{self.path} has schema version {version}; this pytun "
+                                    f"understands up to {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def _write(self, fn, *, peer_set_changed: bool = True):
+        """Run fn(db) inside one IMMEDIATE transaction; all or nothing."""
+        with self._lock:
+            db = self._db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(db)
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+            except sqlite3.IntegrityError as exc:
+                raise RegistryError(f"registry refused the change: {exc}") from None
+            except sqlite3.Error as exc:
+                raise RegistryError(f"registry {self.path}: {exc}") from None
+            self._commits += peer_set_changed
+            return result
+
+    def _read(self, sql: str, args=()) -> list:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise RegistryError(f"registry {self.path}: {exc}") from None
+
+    def add(self, peer: Peer, *, subnet=None, reserved=frozenset()) -> None:
+        if subnet is not None:
+            check_in_subnet(peer.address, subnet, reserved)
+            for site in peer.sites:
+                if site.version == subnet.version and site.overlaps(subnet):
+                    raise RegistryError(f"site {site} overlaps the hub subnet {subnet}")
+
+        def insert(db):
+            def owner(column, value):
+                row = db.execute(f"SELECT name FROM peers WHERE {column} = ?", (value,)).fetchone()
+                return row and row[0]
+
+            if owner("name", peer.name):
+                raise RegistryError(f"a peer named {peer.name!r} already exists")
+            if other := owner("public_key", peer.public_key):
+                raise RegistryError(f"that public key already belongs to peer {other!r}")
+            if other := owner("address", str(peer.address)):
+                raise RegistryError(f"address {peer.address.ip} is already used by peer {other!r}")
+            for other, sites in db.execute("SELECT name, sites FROM peers"):
+                for site in map(ipaddress.ip_network, json.loads(sites)):
+                    for mine in peer.sites:
+                        if mine.version == site.version and mine.overlaps(site):
+                            raise RegistryError(f"site {mine} overlaps site {site} of peer {other!r}")
+            values = (peer.name, peer.public_key, str(peer.address),
+                      json.dumps([str(s) for s in peer.sites]), int(peer.full_tunnel),
+                      peer.keepalive, int(peer.disabled), int(peer.created), peer.preshared_key,
+                      peer.endpoint, peer.last_handshake)
+            db.execute(f"INSERT INTO peers ({', '.join(_COLUMNS)}) VALUES "
+                       f"({', '.join('?' * len(_COLUMNS))})", values)
+
+        self._write(insert)
+
+    def _must_exist(self, db, name: str) -> None:
+        if db.execute("SELECT 1 FROM peers WHERE name = ?", (name,)).fetchone() is None:
+            raise RegistryError(f"no peer named {name!r}")
+
+    def remove(self, name: str) -> Peer:
+        def delete(db):
+            self._must_exist(db, name)
+            row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM peers WHERE name = ?", (name,)).fetchone()
+            db.execute("DELETE FROM peers WHERE name = ?", (name,))
+            return _to_peer(row)
+
+        return self._write(delete)
+
+    def set_disabled(self, name: str, flag: bool) -> None:
+        def update(db):
+            self._must_exist(db, name)
+            db.execute("UPDATE peers SET disabled = ? WHERE name = ?", (int(bool(flag)), name))
+
+        self._write(update)
+
+    def get(self, name: str) -> Peer:
+        rows = self._read(f"SELECT {', '.join(_COLUMNS)} FROM peers WHERE name = ?", (name,))
+        if not rows:
+            raise RegistryError(f"no peer named {name!r}")
+        return _to_peer(rows[0])
+
+    def list(self) -> list[Peer]:
+        peers = [_to_peer(r) for r in self._read(f"SELECT {', '.join(_COLUMNS)} FROM peers")]
+        return sorted(peers, key=lambda p: (p.address.version, int(p.address.ip)))
+
+    def allocate_address(self, subnet, reserved=frozenset()) -> IPInterface:
+        subnet = ipaddress.ip_network(subnet)
+        taken = {ipaddress.ip_interface(a).ip for (a,) in self._read("SELECT address FROM peers")}
+        taken |= {ipaddress.ip_interface(r).ip for r in reserved}
+        taken.add(subnet.network_address + 1)  # the hub's own address
+        last = subnet.broadcast_address - (1 if subnet.version == 4 else 0)
+        ip = subnet.network_address + 1
+        while ip <= last:  # ends after at most len(taken) + 1 steps
+            if ip not in taken:
+                return ipaddress.ip_interface(f"{ip}/{ip.max_prefixlen}")
+            ip += 1
+        raise RegistryError(f"subnet {subnet} is full")
+
+    def record_endpoint(self, name_or_public_key: str, endpoint, last_handshake) -> None:
+        def update(db):
+            cur = db.execute("UPDATE peers SET endpoint = ?, last_handshake = ? "
+                             "WHERE name = ? OR public_key = ?",
+                             (endpoint, last_handshake, name_or_public_key, name_or_public_key))
+            if cur.rowcount == 0:
+                raise RegistryError(f"no peer named or keyed {name_or_public_key!r}")
+
+        # The hub writes this itself; it must not make its own change_token() move.
+        self._write(update, peer_set_changed=False)
+
+    def change_token(self) -> tuple[int, int]:
+        (data_version,), = self._read("PRAGMA data_version")
+        return data_version, self._commits
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __repr__(self) -> str:
+        return f"SqliteRegistry({self.path!r})"

@@ -1,0 +1,225 @@
+"""The hub's state directory (mode 0700):
+
+    hub.json      settings (HubSettings), written by `pytun-admin init`
+    private.key   the hub's X25519 private key, base64, mode 0600
+    registry.db   the peer registry (SQLite), mode 0600
+    control.sock  the running hub's control socket, mode 0600
+
+`hub.json` is written last, so a directory that has it is complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
+
+from pytun.common import config, keys
+
+from .registry import RegistryError, SqliteRegistry
+
+DEFAULT_STATE_DIR = "/var/lib/pytun"
+SETTINGS_FILE = "hub.json"
+PRIVATE_KEY_FILE = "private.key"
+REGISTRY_FILE = "registry.db"
+CONTROL_SOCKET = "control.sock"
+SETTINGS_VERSION = 1
+
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+
+
+class StateError(ValueError):
+    """The state directory is missing, incomplete or invalid; the message says which."""
+
+
+def resolve_state_dir(arg: str | None) -> str:
+    return arg or os.environ.get("PYTUN_STATE_DIR") or DEFAULT_STATE_DIR
+
+
+def settings_path(state_dir: str) -> str:
+    return os.path.join(state_dir, SETTINGS_FILE)
+
+
+def private_key_path(state_dir: str) -> str:
+    return os.path.join(state_dir, PRIVATE_KEY_FILE)
+
+
+def registry_path(state_dir: str) -> str:
+    return os.path.join(state_dir, REGISTRY_FILE)
+
+
+def socket_path(state_dir: str) -> str:
+    return os.path.join(state_dir, CONTROL_SOCKET)
+
+
+def normalize_endpoint(text: str, default_port: int) -> str:
+    """'vpn.example.com' -> 'vpn.example.com:51820'; '[fd00::1]:4000' stays; checks the rest."""
+    text = text.strip()
+    if text.startswith("[") and "]:" not in text and text.endswith("]"):
+        text = f"{text}:{default_port}"
+    elif not text.startswith("[") and text.count(":") > 1:
+        text = f"[{text}]:{default_port}"
+    elif ":" not in text:
+        text = f"{text}:{default_port}"
+    try:
+        return config.format_endpoint(config.parse_endpoint(text))
+    except ValueError as exc:
+        raise StateError(str(exc)) from None
+
+
+@dataclass
+class HubSettings:
+    subnet: IPv4Network | IPv6Network
+    endpoint: str
+    listen_port: int = 51820
+    interface: str = "pytun0"
+    mtu: int = 1420
+    egress: str | None = None
+    dns: list[IPv4Address | IPv6Address] = field(default_factory=list)
+    routes: list[IPv4Network | IPv6Network] = field(default_factory=list)
+    allow_peer_to_peer: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            self.subnet = ipaddress.ip_network(self.subnet)
+        except ValueError as exc:
+            raise StateError(f"bad subnet {self.subnet!s}: {exc}") from None
+        max_prefix = 30 if self.subnet.version == 4 else 126
+        if self.subnet.prefixlen > max_prefix:
+            raise StateError(f"subnet {self.subnet} is too small; use /{max_prefix} or wider")
+        if not isinstance(self.listen_port, int) or not 1 <= self.listen_port <= 65535:
+            raise StateError(f"listen port must be from 1 to 65535, not {self.listen_port!r}")
+        self.endpoint = normalize_endpoint(str(self.endpoint), self.listen_port)
+        for name in (self.interface, self.egress):
+            if name is not None and not _IFNAME.match(str(name)):
+                raise StateError(f"bad interface name {name!r}: 1-15 of A-Z a-z 0-9 _ . -")
+        if not isinstance(self.mtu, int) or not 1280 <= self.mtu <= 9000:
+            raise StateError(f"MTU must be from 1280 to 9000, not {self.mtu!r}")
+        try:
+            self.dns = [ipaddress.ip_address(d) for d in self.dns]
+        except ValueError as exc:
+            raise StateError(f"bad DNS server: {exc}") from None
+        try:
+            self.routes = [ipaddress.ip_network(r) for r in self.routes]
+        except ValueError as exc:
+            raise StateError(f"bad route: {exc}") from None
+        self.allow_peer_to_peer = bool(self.allow_peer_to_peer)
+
+    @property
+    def address(self) -> IPv4Interface | IPv6Interface:
+        """The hub's inner address: the subnet's first host, with the subnet's prefix."""
+        return ipaddress.ip_interface(f"{self.subnet.network_address + 1}/{self.subnet.prefixlen}")
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["subnet"] = str(self.subnet)
+        d["dns"] = [str(x) for x in self.dns]
+        d["routes"] = [str(x) for x in self.routes]
+        return json.dumps({"version": SETTINGS_VERSION, **d}, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = SETTINGS_FILE) -> "HubSettings":
+        try:
+            d = json.loads(text)
+        except ValueError as exc:
+            raise StateError(f"{where} is not valid JSON: {exc}") from None
+        if not isinstance(d, dict):
+            raise StateError(f"{where} must hold a JSON object")
+        version = d.pop("version", SETTINGS_VERSION)
+        if version != SETTINGS_VERSION:
+            raise StateError(f"{where} has version {version!r}; this pytun reads {SETTINGS_VERSION}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise StateError(f"{where}: unknown setting {unknown[0]!r}")
+        missing = [k for k in ("subnet", "endpoint") if k not in d]
+        if missing:
+            raise StateError(f"{where}: missing setting {missing[0]!r}")
+        try:
+            return cls(**d)
+        except StateError as exc:
+            raise StateError(f"{where}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise StateError(f"{where}: {exc}") from None
+
+
+def load_settings(state_dir: str) -> HubSettings:
+    path = settings_path(state_dir)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise StateError(f"no hub state in {state_dir}; run pytun-admin init first") from None
+    except OSError as exc:
+        raise StateError(f"cannot read {path}: {exc.strerror}") from None
+    return HubSettings.from_json(text, path)
+
+
+def save_settings(state_dir: str, settings: HubSettings) -> None:
+    """Replace hub.json atomically (write a temporary file, then rename)."""
+    path = settings_path(state_dir)
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(settings.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def init_state(state_dir: str, settings: HubSettings, *, private_key: bytes | None = None) -> str:
+    """Create the state directory, the hub key pair and an empty registry.
+
+    Returns the hub's public key (base64). Refuses a directory that already holds state.
+    """
+    for name in (SETTINGS_FILE, PRIVATE_KEY_FILE, REGISTRY_FILE):
+        if os.path.exists(os.path.join(state_dir, name)):
+            raise StateError(f"{state_dir} is already initialised; refusing to overwrite ({name} exists)")
+    created: list[str] = []
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        os.chmod(state_dir, 0o700)
+        private = private_key if private_key is not None else keys.generate_private()
+        created.append(private_key_path(state_dir))
+        keys.write_secret_file(created[-1], keys.encode_key(private) + "\n")
+        created += [registry_path(state_dir) + suffix for suffix in ("", "-wal", "-shm")]
+        SqliteRegistry(registry_path(state_dir)).close()
+        save_settings(state_dir, settings)
+    except (OSError, RegistryError) as exc:
+        for path in created:  # leave no half-made state that would block the next init
+            if os.path.exists(path):
+                os.unlink(path)
+        if isinstance(exc, RegistryError):
+            raise StateError(str(exc)) from None
+        raise StateError(f"cannot write {exc.filename or state_dir}: {exc.strerror}") from None
+    return keys.encode_key(keys.public_from_private(private))
+
+
+def load_private_key(state_dir: str) -> bytes:
+    """The hub's private key. Refuses a key file that others could read."""
+    path = private_key_path(state_dir)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise StateError(f"no hub private key in {state_dir}; run pytun-admin init first") from None
+    except OSError as exc:
+        raise StateError(f"cannot read {path}: {exc.strerror}") from None
+    with os.fdopen(fd, encoding="ascii", errors="replace") as f:
+        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+        if mode & 0o077:
+            raise StateError(f"{path} is readable by others (mode {mode:04o}); run chmod 600 {path}")
+        text = f.read()
+    try:
+        return keys.parse_private(text, "hub private key")
+    except keys.BadKey as exc:
+        raise StateError(f"{path}: {exc}") from None
+
+
+def public_key(state_dir: str) -> str:
+    """The hub's public key, base64."""
+    return keys.encode_key(keys.public_from_private(load_private_key(state_dir)))
