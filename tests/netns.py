@@ -73,6 +73,10 @@ def _argv(args: tuple) -> list[str]:
     return [str(a) for a in args]
 
 
+def _words(args: tuple) -> list[str]:
+    return [w for a in args for w in shlex.split(str(a))]
+
+
 def _run(argv: list[str], *, check=True, timeout=30.0, input=None, env=None):
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
@@ -138,10 +142,12 @@ class Netns:
         return self.run(argv, **kw)
 
     def ip(self, *args) -> str:
-        return self.run(["ip", *_argv(args)]).stdout
+        """`ns.ip("addr show dev", name)`: every argument is split on whitespace."""
+        return self.run(["ip", *_words(args)]).stdout
 
     def ip_json(self, *args) -> list:
-        return json.loads(self.run(["ip", "-j", *_argv(args)]).stdout or "[]")
+        """`ip -j ...` parsed, e.g. `ns.ip_json("addr show dev", name)`."""
+        return json.loads(self.run(["ip", "-j", *_words(args)]).stdout or "[]")
 
     def sysctl(self, key: str) -> str:
         """Read a sysctl of this namespace, e.g. "net.ipv4.ip_forward"."""
