@@ -1,0 +1,204 @@
+"""The hub: one Device with a peer per registry row, a TUN device, one UDP socket, NAT.
+
+The registry is the source of truth. `sync()` applies its difference to the running device
+without touching unchanged peers' sessions; it runs at start, on the control socket's `sync=1`
+(pytun-admin sends it after every change) and whenever the registry's change token moves.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import signal
+import time
+
+import trio
+
+from ..common import keys, linux
+from ..common.device import Device
+from ..common.driver import Driver, endpoint_for, format_endpoint, open_udp
+from . import control, nat, state
+from .registry import Registry, RegistryError
+
+log = logging.getLogger("pytun")
+
+REGISTRY_POLL = 1.0
+REDIAL_WITHIN = 600.0  # after a restart, re-dial laptops seen in the last ten minutes
+
+
+class StartupError(Exception):
+    """The hub cannot start; the message is one clear line."""
+
+
+def _peer_spec(record) -> tuple:
+    """What, in a registry row, the device must be rebuilt for when it changes."""
+    return (record.public_key, str(record.address), tuple(str(s) for s in record.sites),
+            record.preshared_key, record.keepalive)
+
+
+class Hub:
+    def __init__(self, state_dir: str, settings: state.HubSettings, private_key: bytes,
+                 registry: Registry):
+        self.state_dir = state_dir
+        self.settings = settings
+        self.registry = registry
+        self.device = Device(private_key, mtu=settings.mtu,
+                             allow_peer_to_peer=settings.allow_peer_to_peer)
+        self.peers: dict[str, tuple[tuple, object]] = {}  # name -> (spec, engine peer)
+        self.driver: Driver | None = None
+        self.sock = None
+        self._token = None
+
+    # -- registry ------------------------------------------------------------------------------
+
+    def sync(self) -> tuple[list[str], list[str]]:
+        """Apply the registry to the device. Returns (added, removed) peer names."""
+        self._token = self.registry.change_token()
+        wanted = {r.name: r for r in self.registry.list() if not r.disabled}
+        added, removed = [], []
+        for name in list(self.peers):
+            spec, engine_peer = self.peers[name]
+            record = wanted.get(name)
+            if record is None or _peer_spec(record) != spec:
+                self.device.remove_peer(engine_peer.public_key)
+                del self.peers[name]
+                if record is None:
+                    removed.append(name)
+                    log.info("peer %s removed", name)
+        for name, record in wanted.items():
+            if name in self.peers:
+                continue
+            try:
+                self._add(record)
+            except (ValueError, keys.BadKey) as exc:
+                log.error("peer %s not loaded: %s", name, exc)
+                continue
+            added.append(name)
+        return added, removed
+
+    def _add(self, record) -> None:
+        public = keys.parse_public(record.public_key)
+        psk = keys.parse_psk(record.preshared_key) if record.preshared_key else None
+        allowed = [ipaddress.ip_network(record.address, strict=False), *record.sites]
+        endpoint = None
+        if record.endpoint and self.sock is not None:
+            host, _, port = record.endpoint.rpartition(":")
+            try:
+                endpoint = endpoint_for(self.sock, host, int(port))
+            except ValueError:
+                endpoint = None
+        engine_peer = self.device.add_peer(public, preshared_key=psk, allowed_ips=allowed,
+                                           endpoint=endpoint, name=record.name)
+        engine_peer.last_handshake_wall = record.last_handshake
+        self.peers[record.name] = (_peer_spec(record), engine_peer)
+        log.info("peer %s added (%s)", record.name, record.address)
+
+    def _redial(self, now: float, wall: float) -> None:
+        """Start handshakes to laptops that were connected before a restart."""
+        for _, engine_peer in self.peers.values():
+            seen = engine_peer.last_handshake_wall
+            if engine_peer.endpoint is not None and seen and wall - seen < REDIAL_WITHIN:
+                self.device.initiate(engine_peer, now)
+
+    # -- events and control ---------------------------------------------------------------------
+
+    def on_event(self, kind: str, peer, detail) -> None:
+        if kind == "handshake":
+            log.info("handshake with peer %s from %s", peer.name, format_endpoint(peer.endpoint))
+            self._record(peer)
+        elif kind == "endpoint":
+            log.info("peer %s moved to %s", peer.name, format_endpoint(detail))
+            self._record(peer)
+        elif kind == "handshake_gave_up":
+            log.info("peer %s: no handshake answer for 90 s, giving up until it calls", peer.name)
+
+    def _record(self, peer) -> None:
+        try:
+            self.registry.record_endpoint(peer.name, format_endpoint(peer.endpoint) or None,
+                                          int(peer.last_handshake_wall or 0) or None)
+        except RegistryError as exc:
+            log.warning("could not record the endpoint of %s: %s", peer.name, exc)
+
+    def status(self) -> list[dict]:
+        rows = []
+        for name, (spec, p) in sorted(self.peers.items()):
+            rows.append({"name": name, "public_key": spec[0], "address": spec[1],
+                         "endpoint": format_endpoint(p.endpoint),
+                         "latest_handshake": int(p.last_handshake_wall or 0),
+                         "rx_bytes": p.rx_bytes, "tx_bytes": p.tx_bytes})
+        return rows
+
+    def handle_control(self, pairs):
+        keys_ = [k for k, _ in pairs]
+        if keys_ == ["get"]:
+            return control.get_response_pairs(self.status())
+        if keys_ == ["sync"]:
+            try:
+                self.sync()
+            except RegistryError as exc:
+                raise control.ControlError(str(exc)) from None
+            if self.driver is not None:
+                self.driver.flush_nowait()
+            return []
+        raise control.ControlError(f"unknown request {' '.join(keys_)!r}")
+
+    # -- running --------------------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        s = self.settings
+        try:
+            tun_fd, ifname = linux.open_tun(s.interface)
+        except linux.LinuxError as exc:
+            raise StartupError(str(exc)) from None
+        firewall = None
+        try:
+            try:
+                linux.configure_link(ifname, [s.address], s.mtu)
+                self.sock = open_udp(s.listen_port)
+            except (linux.LinuxError, OSError) as exc:
+                raise StartupError(getattr(exc, "strerror", None) or str(exc)) from None
+            for warning in nat.backend_warnings():
+                log.warning("%s", warning)
+            firewall = nat.Nat(interface=ifname, subnets=[s.subnet], egress=s.egress, mtu=s.mtu,
+                               state_dir=self.state_dir)
+            try:
+                firewall.setup()
+            except nat.NatError as exc:
+                raise StartupError(f"firewall set-up failed: {exc}") from None
+            self.sync()
+            self.driver = Driver(self.device, tun_fd, self.sock, on_event=self.on_event)
+            self._redial(trio.current_time(), time.time())
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.driver.run)
+                await nursery.start(control.serve, state.socket_path(self.state_dir),
+                                    self.handle_control)
+                nursery.start_soon(self._poll_registry)
+                log.info("hub up: %s %s, UDP port %d, %d peers", ifname, s.address,
+                         s.listen_port, len(self.peers))
+                task_status.started()
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("stopping on %s", signal.Signals(signum).name)
+                        break
+                nursery.cancel_scope.cancel()
+        finally:
+            if firewall is not None:
+                try:
+                    firewall.teardown()
+                except nat.NatError as exc:
+                    log.error("firewall tear-down failed: %s", exc)
+            if self.sock is not None:
+                self.sock.close()
+            os.close(tun_fd)
+
+    async def _poll_registry(self) -> None:
+        while True:
+            await trio.sleep(REGISTRY_POLL)
+            try:
+                if self.registry.change_token() != self._token:
+                    self.sync()
+                    self.driver.flush_nowait()
+            except RegistryError as exc:
+                log.warning("registry check failed: %s", exc)
+

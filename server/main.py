@@ -1,0 +1,81 @@
+"""pytun-server: run the hub in the foreground until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import trio
+
+from ..common import __version__, linux
+from . import nat, state
+from .hub import Hub, StartupError
+from .registry import RegistryError, SqliteRegistry
+
+log = logging.getLogger("pytun")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pytun-server",
+        description="Run the pytun hub: a WireGuard-compatible VPN concentrator with NAT.")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="hub state (default: $PYTUN_STATE_DIR, else /var/lib/pytun)")
+    p.add_argument("--cleanup", action="store_true",
+                   help="remove what a crashed hub left behind (firewall rules, ip_forward, "
+                        "interface, control socket) and exit")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"pytun-server {__version__}")
+    return p
+
+
+def cleanup(state_dir: str) -> None:
+    nat.cleanup(state_dir)
+    try:
+        settings = state.load_settings(state_dir)
+    except state.StateError:
+        settings = None
+    if settings is not None and linux.link_exists(settings.interface):
+        linux.delete_link(settings.interface)
+    try:
+        os.unlink(state.socket_path(state_dir))
+    except FileNotFoundError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="pytun-server: %(message)s", stream=sys.stderr)
+    state_dir = state.resolve_state_dir(args.state_dir)
+    if args.cleanup:
+        try:
+            cleanup(state_dir)
+        except (nat.NatError, linux.LinuxError, OSError) as exc:
+            print(f"pytun-server: cleanup failed: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    try:
+        settings = state.load_settings(state_dir)
+        private_key = state.load_private_key(state_dir)
+        registry = SqliteRegistry(state.registry_path(state_dir), create=False)
+    except (state.StateError, RegistryError) as exc:
+        print(f"pytun-server: {exc}", file=sys.stderr)
+        return 1
+    try:
+        trio.run(Hub(state_dir, settings, private_key, registry).run)
+    except StartupError as exc:
+        print(f"pytun-server: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        registry.close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
