@@ -291,6 +291,9 @@ class Device(Timers):
         peer.next = kp
         self.keypairs[index] = kp
         self._set_endpoint(peer, src)
+        # A response counts as a handshake sent (as in wireguard-go and the kernel): until the
+        # initiator confirms the session, data waiting here must not start a crossing initiation.
+        peer.last_sent_handshake = now
         response = wire.Response(index, msg.sender, e_pub, enc_nothing, b"", b"").pack_without_macs()
         datagram = peer.cookies.add_macs(response, now)
         self.net_out.append((datagram, peer.endpoint))
