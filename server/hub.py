@@ -133,6 +133,8 @@ class Hub:
         keys_ = [k for k, _ in pairs]
         if keys_ == ["get"]:
             return control.get_response_pairs(self.status())
+        if keys_ == ["stats"]:
+            return [(f"drop_{reason}", str(n)) for reason, n in sorted(self.device.drops.items())]
         if keys_ == ["sync"]:
             try:
                 self.sync()
