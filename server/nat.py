@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import subprocess
+import warnings
 from typing import Iterator
 
 from pytun.common import linux
@@ -58,7 +59,9 @@ class NatError(Exception):
 
 def _iptc():
     try:
-        import iptc
+        with warnings.catch_warnings():  # its distutils import wakes pkg_resources' warnings
+            warnings.simplefilter("ignore", UserWarning)
+            import iptc
     except Exception as exc:  # libiptc missing or unloadable
         raise NatError(f"python-iptables cannot load libiptc: {exc}") from None
     return iptc
@@ -69,8 +72,10 @@ def _firewall(what: str) -> Iterator[None]:
     iptc = _iptc()
     try:
         yield
-    except (iptc.IPTCError, iptc.XTablesError, ValueError, AttributeError) as exc:
-        raise NatError(f"{what}: {exc} (is the kernel module for it available?)") from None
+    except iptc.XTablesError as exc:  # "can't find target TCPMSS"
+        raise NatError(f"{what}: {exc} (is its kernel module available?)") from None
+    except (iptc.IPTCError, ValueError, AttributeError) as exc:
+        raise NatError(f"{what}: {exc}") from None
 
 
 def _table(name: str):
@@ -91,6 +96,7 @@ def _is_ours(rule) -> bool:
 
 def _remove_rules() -> None:
     """Remove every jump carrying our comment (or aimed at our chains), then our chains."""
+    iptc = _iptc()
     for name in ("filter", "nat", "mangle"):
         table = _table(name)
         with _firewall(f"cannot remove pytun's rules from the {name} table"):
@@ -102,7 +108,12 @@ def _remove_rules() -> None:
             for chain in table.chains:
                 if chain.name.startswith(PREFIX):
                     chain.flush()
-                    chain.delete()
+                    try:
+                        chain.delete()
+                    except iptc.IPTCError as exc:  # EBUSY: still referenced
+                        raise NatError(f"cannot delete chain {chain.name} of the {name} table:"
+                                       f" {exc} (does a rule pytun did not create jump to it?)"
+                                       ) from None
             table.commit()
             table.refresh()
 
@@ -170,6 +181,8 @@ class Nat:
         except linux.LinuxError as exc:
             raise NatError(str(exc)) from None
         networks = [ipaddress.ip_network(s) for s in subnets]
+        if not 68 <= mtu <= 65535:
+            raise NatError(f"bad MTU {mtu}: must be 68 to 65535")
         self.subnets = [s for s in networks if s.version == 4]
         self.ignored = [s for s in networks if s.version == 6]
         self.egress = egress
