@@ -44,7 +44,8 @@ class CommandFailed(AssertionError):
     """A command in a namespace failed; the message carries its output."""
 
     def __init__(self, argv: Sequence[str], returncode: int | None, stdout: str, stderr: str):
-        self.argv, self.returncode, self.stdout, self.stderr = list(argv), returncode, stdout, stderr
+        self.argv, self.returncode = list(argv), returncode
+        self.stdout, self.stderr = stdout, stderr
         status = "timed out" if returncode is None else f"exited {returncode}"
         super().__init__(
             f"{shlex.join(self.argv)} {status}\n--- stdout\n{stdout}--- stderr\n{stderr}"

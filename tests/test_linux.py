@@ -11,9 +11,12 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.netns import topology, unique, wait_until
 
 __all__ = ["topology"]  # the fixture
+pytestmark = pytest.mark.netns
 
 PRELUDE = """
 import ipaddress, json, os, socket, sys
@@ -88,7 +91,8 @@ def test_tun_errors_are_linux_errors(topology):
     bad = ["", "x" * 16, "a/b", "a b", "a:b"]
     assert set(result) == {*bad, "busy", "veth", "nobody"}
     assert all(result[k].startswith(f"bad interface name {k!r}") for k in bad)
-    assert result["busy"] == f"cannot create TUN device {name}: it is busy (another process has it open)"
+    assert result["busy"] == (f"cannot create TUN device {name}:"
+                              " it is busy (another process has it open)")
     assert "another type" in result["veth"]
     assert "permission denied" in result["nobody"]
 
@@ -164,7 +168,8 @@ def test_links_marks_and_netlink_errors(topology):
         errors = []
         for call in (lambda: linux.configure_link("nope0", [], 1420),
                      lambda: linux.configure_link({veth!r}, [], 20),
-                     lambda: linux.add_route(ipaddress.ip_network("10.1.0.0/16"), via="10.50.0.1")):
+                     lambda: linux.add_route(ipaddress.ip_network("10.1.0.0/16"),
+                                             via="10.50.0.1")):
             try:
                 call()
             except LinuxError as exc:

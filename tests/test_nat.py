@@ -10,6 +10,8 @@ The code under test runs inside the hub namespace (`hub.python`), never in the t
 
 import collections
 import json
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -17,6 +19,7 @@ import pytest
 from tests.netns import ping, topology
 
 __all__ = ["topology"]  # the fixture
+pytestmark = pytest.mark.netns
 
 SUBNET = "10.9.0.0/24"
 
@@ -74,7 +77,8 @@ def ours(saved: dict[str, list[str]]) -> list[str]:
 def expected(hub: Hub, egress: bool = True) -> list[str]:
     tun, out = hub.tun, hub.egress
     fwd = [f"-A PYTUN-FORWARD -i {tun} -o {out} -j ACCEPT",
-           f"-A PYTUN-FORWARD -i {out} -o {tun} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"]
+           f"-A PYTUN-FORWARD -i {out} -o {tun} -m conntrack --ctstate RELATED,ESTABLISHED"
+           " -j ACCEPT"]
     if not egress:
         fwd = [f"-A PYTUN-FORWARD -i {tun} ! -o {tun} -j ACCEPT",
                f"-A PYTUN-FORWARD ! -i {tun} -o {tun} -m conntrack --ctstate RELATED,ESTABLISHED"
@@ -87,7 +91,8 @@ def expected(hub: Hub, egress: bool = True) -> list[str]:
         "mangle -A FORWARD -m comment --comment pytun -j PYTUN-MSS",
         f"mangle -A PYTUN-MSS -o {tun} -p tcp -m tcp --tcp-flags SYN,RST SYN"
         " -j TCPMSS --clamp-mss-to-pmtu",
-        f"mangle -A PYTUN-MSS -i {tun} -p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --set-mss 1380",
+        f"mangle -A PYTUN-MSS -i {tun} -p tcp -m tcp --tcp-flags SYN,RST SYN"
+        " -j TCPMSS --set-mss 1380",
     ]
     if egress:
         lines += [
@@ -203,7 +208,7 @@ def test_a_foreign_jump_to_our_chain_is_reported(hub):
 
 def test_laptop_reaches_the_internet_masqueraded(hub):
     # A UDP echo in the "internet" that answers with the source address it saw.
-    server = hub.net.popen(["python3", "-u", "-c", textwrap.dedent("""
+    server = hub.net.popen([sys.executable, "-u", "-c", textwrap.dedent("""
         import socket
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.bind(("192.0.2.2", 5555))
@@ -211,7 +216,7 @@ def test_laptop_reaches_the_internet_masqueraded(hub):
         while True:
             data, peer = s.recvfrom(100)
             s.sendto(peer[0].encode(), peer)
-    """)], stdout=-1, text=True)
+    """)], stdout=subprocess.PIPE, text=True)
     assert server.stdout.readline() == "ready\n"
     ask = textwrap.dedent("""
         import socket
@@ -244,7 +249,8 @@ def test_backend_warnings(topology):
         assert "iptables-legacy-save" in quiet[0]
 
     ns.run("nft", "add table inet guard")
-    ns.run("nft", "add chain inet guard dropper { type filter hook forward priority 0; policy drop; }")
+    ns.run("nft", "add chain inet guard dropper"
+           " { type filter hook forward priority 0; policy drop; }")
     warned = json.loads(ns.python("import json; from pytun.server import nat;"
                                   " print(json.dumps(nat.backend_warnings()))").stdout)
     assert warned[:len(quiet)] == quiet

@@ -1,4 +1,4 @@
-"""The namespace helpers keep their promises: unique names, clean-up, nothing in the root namespace.
+"""The namespace helpers keep their promises: unique names, clean-up, nothing in the root ns.
 
     [a] 192.0.2.1 ---veth--- 192.0.2.2 [b]
 """
@@ -52,7 +52,7 @@ def test_failed_command_is_an_assertion_with_output(topology):
     assert ns.python("print(6 * 7)").stdout == "42\n"
 
 
-def test_close_stops_processes_and_stragglers():
+def test_close_stops_processes_and_stragglers(netns_ok):
     with Topology() as topo:
         ns = topo.netns("p")
         child = ns.popen([sys.executable, "-c", "import time; time.sleep(60)"])
