@@ -117,8 +117,9 @@ class Device(Timers):
             return
         self._seal(peer, kp, packet, now)
         self.data_sent(peer, now)
-        if kp.initiator and (now - kp.created > REKEY_AFTER_TIME
-                             or kp.send_counter > REKEY_AFTER_MESSAGES):
+        # Either side rekeys after REKEY_AFTER_MESSAGES; only the initiator after REKEY_AFTER_TIME.
+        if (kp.send_counter > REKEY_AFTER_MESSAGES
+                or kp.initiator and now - kp.created > REKEY_AFTER_TIME):
             self.initiate(peer, now, retry=False)
 
     def _seal(self, peer: Peer, kp: Keypair, packet, now: float) -> None:
@@ -152,8 +153,9 @@ class Device(Timers):
             sent_data = sent_data or len(packet) > 0
         if sent_data:
             self.data_sent(peer, now)
-        if kp.initiator and (now - kp.created > REKEY_AFTER_TIME
-                             or kp.send_counter > REKEY_AFTER_MESSAGES):
+        # Either side rekeys after REKEY_AFTER_MESSAGES; only the initiator after REKEY_AFTER_TIME.
+        if (kp.send_counter > REKEY_AFTER_MESSAGES
+                or kp.initiator and now - kp.created > REKEY_AFTER_TIME):
             self.initiate(peer, now, retry=False)
 
     def send_keepalive(self, peer: Peer, now: float) -> None:
