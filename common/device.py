@@ -112,6 +112,8 @@ class Device(Timers):
             return
         kp = peer.current
         if (kp is None or peer.staged or peer.endpoint is None or not kp.can_send(now)):
+            if len(peer.staged) == peer.staged.maxlen:
+                self.drops["staged_overflow"] += 1  # the append below pushes out the oldest
             peer.staged.append(bytes(packet))
             self.send_staged(peer, now)
             return

@@ -102,6 +102,9 @@ class Timers:
         if peer.handshake_attempts >= MAX_TIMER_HANDSHAKES:
             # Gave up after REKEY_ATTEMPT_TIME: drop what waited, stop answering with keepalives.
             peer.keepalive_at = None
+            dropped = sum(1 for packet in peer.staged if packet)  # not the keepalive marker
+            if dropped:
+                self.drops["handshake_gave_up"] += dropped
             peer.staged.clear()
             self.events.append(("handshake_gave_up", peer, None))
             if peer.zero_at is None:
