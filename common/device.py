@@ -387,7 +387,10 @@ class Device(Timers):
             self._set_endpoint(peer, src)
         peer.rx_bytes += len(data)
         self.authenticated_received(peer, now)
-        if kp.initiator and not peer.sent_last_minute_handshake and now - kp.created > RECEIVE_REKEY_AGE:
+        # The age that matters is the current session's, not that of the one received on.
+        current = peer.current
+        if (current is not None and current.initiator and not peer.sent_last_minute_handshake
+                and now - current.created > RECEIVE_REKEY_AGE):
             peer.sent_last_minute_handshake = True
             self.initiate(peer, now, retry=False)
         if not plaintext:
