@@ -40,7 +40,9 @@ def ipv4_packet(src: str, dst: str, payload: bytes = b"\x08\x00\x00\x00\x00\x00\
 
 
 def ipv6_packet(src: str, dst: str, payload: bytes = b"\x80\x00\x00\x00") -> bytes:
-    header = struct.pack("!IHBB16s16s", 6 << 28, len(payload), 58, 64, addr(src).packed, addr(dst).packed)
+    header = struct.pack(
+        "!IHBB16s16s", 6 << 28, len(payload), 58, 64, addr(src).packed, addr(dst).packed
+    )
     return header + payload
 
 
@@ -157,7 +159,9 @@ def test_entries_for_and_len():
     for n in ("fd00::2/128", "10.0.0.2/32", "10.0.0.0/24", "fd00::/64"):
         t.insert(net(n), A)
     t.insert(net("10.9.0.0/16"), B)
-    assert t.entries_for(A) == [net("10.0.0.0/24"), net("10.0.0.2/32"), net("fd00::/64"), net("fd00::2/128")]
+    assert t.entries_for(A) == [
+        net("10.0.0.0/24"), net("10.0.0.2/32"), net("fd00::/64"), net("fd00::2/128")
+    ]
     assert len(t) == 5
     t.clear()
     assert len(t) == 0 and t.lookup(addr("10.0.0.2")) is None
@@ -232,7 +236,9 @@ def test_large_table():
     for i in (0, 1, 4242, 9999):
         assert t.lookup(addr(f"10.{i >> 8 & 255}.{i & 255}.1")) is peers[i]
         assert t.lookup(addr(f"fd00::{i:x}")) is peers[i]
-        assert t.entries_for(peers[i]) == [net(f"10.{i >> 8 & 255}.{i & 255}.1/32"), net(f"fd00::{i:x}/128")]
+        assert t.entries_for(peers[i]) == [
+            net(f"10.{i >> 8 & 255}.{i & 255}.1/32"), net(f"fd00::{i:x}/128")
+        ]
     assert t.lookup(addr("10.0.0.2")) is A
     t.remove_by_peer(peers[4242])
     assert t.lookup(addr("10.16.146.1")) is A
@@ -307,7 +313,8 @@ def addresses(draw, known: list):
     cls = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
     if same_family and draw(st.integers(0, 3)):
         n = draw(st.sampled_from(same_family))
-        host = draw(st.one_of(st.just(0), st.just(n.num_addresses - 1), st.integers(0, n.num_addresses - 1)))
+        last = n.num_addresses - 1
+        host = draw(st.one_of(st.just(0), st.just(last), st.integers(0, last)))
         value = int(n.network_address) + host
         value += draw(st.sampled_from([0, 0, 0, -1, 1]))  # sometimes just outside
         return cls(value % (1 << bits))
@@ -346,7 +353,7 @@ def test_matches_slow_router(data):
                 assert fast.lookup(a) is want, a
                 lookup_family = fast.lookup_v4 if a.version == 4 else fast.lookup_v6
                 assert lookup_family(a.packed) is want, a
-                other = ipaddress.ip_address(int(a) ^ 1) if a.version == 4 else ipaddress.IPv6Address(int(a) ^ 1)
+                other = type(a)(int(a) ^ 1)
                 packet = _packet(a, other)  # src a, dst other
                 assert fast.lookup_packet_dst(_packet(other, a)) is want, a
                 for peer in PEERS:

@@ -193,7 +193,9 @@ class SlowReplay:
 # jump far ahead, and sometimes fall just outside.
 _step = st.one_of(
     st.integers(-WINDOW_SIZE - 70, WINDOW_SIZE + 70),
-    st.sampled_from([-WINDOW_SIZE - 1, -WINDOW_SIZE, -WINDOW_SIZE + 1, 63, 64, 65, 8191, 8192, 8193]),
+    st.sampled_from(
+        [-WINDOW_SIZE - 1, -WINDOW_SIZE, -WINDOW_SIZE + 1, 63, 64, 65, 8191, 8192, 8193]
+    ),
     st.integers(0, 2**20),
     st.integers(-3, 3),
 )
@@ -202,7 +204,9 @@ _step = st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(_step, min_size=1, max_size=300),
-    st.one_of(st.integers(0, 200), st.integers(0, 2**64 - 1), st.just(REJECT_AFTER_MESSAGES - 9000)),
+    st.one_of(
+        st.integers(0, 200), st.integers(0, 2**64 - 1), st.just(REJECT_AFTER_MESSAGES - 9000)
+    ),
 )
 def test_matches_slow_reference(steps, start):
     limit = REJECT_AFTER_MESSAGES
