@@ -1,0 +1,345 @@
+"""pytun-client: the laptop end. One wg-quick file, one tunnel to the hub, in the foreground.
+
+    pytun-client up alice.conf [--interface NAME]   runs until SIGTERM/SIGINT, then undoes it all
+    pytun-client down alice.conf|alice               stops it; also cleans up after a SIGKILL
+    pytun-client status [alice] [--json]             endpoint, latest handshake, bytes both ways
+
+The config is the file `pytun-admin add-peer` writes and stock WireGuard apps accept. The
+interface is named after the file as wg-quick names it (alice.conf -> alice). Runtime files live
+in $PYTUN_RUN_DIR, else /run/pytun: IFACE.json (what `down` must undo) and IFACE.sock (status).
+Every failure is one line, `pytun-client: error: ...`, and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+
+import trio
+
+from ..common import __version__, config, linux
+from ..server import control
+from ..server.admin import human_ago, human_bytes
+from . import routes, tunnel
+from .tunnel import TunnelError
+
+PROG = "pytun-client"
+STOP_TIMEOUT = 15.0  # seconds `down` waits for a running client to undo its own set-up
+CAP_NET_ADMIN = 12
+TUN_DEVICE = "/dev/net/tun"
+
+_NAME_FROM_FILE = re.compile(r"(?:^|/)([a-zA-Z0-9_=+.-]{1,15})\.conf$")  # wg-quick's rule
+
+log = logging.getLogger("pytun")
+
+
+class ClientError(Exception):
+    """A one-line failure shown as `pytun-client: error: ...`."""
+
+
+# ---------------------------------------------------------------------------------- config
+
+
+def interface_from_path(path: str) -> str:
+    """alice.conf -> alice, as wg-quick does; the name must be a valid interface name."""
+    m = _NAME_FROM_FILE.search(path)
+    if not m:
+        raise ClientError(f"cannot name the interface after {os.path.basename(path)!r}: the file "
+                          "must be NAME.conf with NAME 1-15 of a-z A-Z 0-9 _ = + . -; "
+                          "or give --interface NAME")
+    return m.group(1)
+
+
+def check_interface(name: str) -> str:
+    if not re.fullmatch(r"[a-zA-Z0-9_=+.-]{1,15}", name):
+        raise ClientError(f"bad interface name {name!r}: 1-15 of a-z A-Z 0-9 _ = + . -")
+    return name
+
+
+def load_config(path: str) -> config.WgConfig:
+    """Parse the file and insist on exactly one [Peer], the hub."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise ClientError(f"{path}: not a text file") from None
+    except OSError as exc:
+        raise ClientError(f"cannot read {path}: {exc.strerror}") from None
+    cfg = config.parse(text, path)
+    peer_lines = [n for n, line in enumerate(text.splitlines(), 1)
+                  if line.split("#", 1)[0].strip().lower() == "[peer]"]
+    if not cfg.peers:
+        raise ClientError(f"{path}: no [Peer] section; pytun-client needs exactly one (the hub)")
+    if len(cfg.peers) > 1:
+        raise ClientError(f"{path}:{peer_lines[1]}: a second [Peer]; pytun-client supports "
+                          "exactly one peer (the hub)")
+    try:
+        routes.parse_table(cfg.interface.table)
+    except routes.PlanError as exc:
+        line = next((n for n, text_line in enumerate(text.splitlines(), 1)
+                     if text_line.split("=", 1)[0].strip().lower() == "table"), 0)
+        raise ClientError(f"{path}:{line}: {exc}") from None
+    return cfg
+
+
+# ---------------------------------------------------------------------------------- checks
+
+
+def _has_cap_net_admin() -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def check_privileges() -> None:
+    if not os.path.exists(TUN_DEVICE):
+        raise ClientError(f"no {TUN_DEVICE}: the tun module is not loaded (modprobe tun)")
+    if os.geteuid() != 0 and not _has_cap_net_admin():
+        raise ClientError("pytun-client up needs root (or CAP_NET_ADMIN)")
+
+
+# ---------------------------------------------------------------------------------- commands
+
+
+def cmd_up(args) -> int:
+    cfg = load_config(args.config)
+    ifname = check_interface(args.interface) if args.interface else interface_from_path(args.config)
+    check_privileges()
+    directory = tunnel.run_dir()
+    tunnel.ensure_run_dir(directory)
+    old = tunnel.read_state(tunnel.state_path(ifname, directory))
+    if old is not None:
+        if tunnel.is_running(old):
+            raise ClientError(f"{ifname} is already up (pid {old['pid']}); "
+                              f"run `pytun-client down {ifname}` first")
+        log.info("cleaning up after an earlier %s that did not stop cleanly", ifname)
+        for problem in tunnel.undo_recorded(old):
+            log.warning("%s", problem)
+        _remove(tunnel.state_path(ifname, directory))
+    if not cfg.peers[0].allowed_ips:
+        log.warning("no AllowedIPs in %s: nothing will go through the tunnel", args.config)
+    t = tunnel.Tunnel(cfg, ifname, args.config, directory)
+    try:
+        trio.run(t.run)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for problem in t.teardown():
+            log.warning("%s", problem)
+    if t.error is not None:
+        raise ClientError(str(t.error))
+    log.info("%s is down", ifname)
+    return 0
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def find_tunnel(target: str, directory: str) -> tuple[str, dict | None]:
+    """CONFIG or IFACE -> (interface name, its state or None)."""
+    if "/" in target or target.endswith(".conf") or os.path.isfile(target):
+        path = os.path.abspath(target)
+        for state_file in sorted(glob.glob(os.path.join(directory, "*.json"))):
+            try:
+                state = tunnel.read_state(state_file)
+            except TunnelError:
+                continue
+            if state and state.get("config") == path:
+                return state["interface"], state
+        ifname = interface_from_path(target)
+    else:
+        ifname = check_interface(target)
+    return ifname, tunnel.read_state(tunnel.state_path(ifname, directory))
+
+
+def _wait_gone(state: dict, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while tunnel.is_running(state):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def cmd_down(args) -> int:
+    directory = tunnel.run_dir()
+    ifname, state = find_tunnel(args.target, directory)
+    if state is None:
+        raise ClientError(f"{ifname} is not up (nothing in {directory})")
+    if tunnel.is_running(state):
+        pid = state["pid"]
+        log.info("stopping %s (pid %d)", ifname, pid)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            raise ClientError(f"not allowed to stop pid {pid}; run as root") from None
+        if not _wait_gone(state, STOP_TIMEOUT):
+            log.warning("pid %d did not stop within %g s; killing it", pid, STOP_TIMEOUT)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _wait_gone(state, 5.0)
+    else:
+        log.info("%s was not stopped cleanly (pid %s is gone); removing what it set up",
+                 ifname, state.get("pid"))
+    # After a clean stop the client removed its state itself; otherwise undo what it recorded.
+    leftover = tunnel.read_state(tunnel.state_path(ifname, directory))
+    if leftover is not None:
+        for problem in tunnel.undo_recorded(leftover):
+            log.warning("%s", problem)
+        _remove(tunnel.state_path(ifname, directory))
+    _remove(tunnel.socket_path(ifname, directory))
+    log.info("%s is down", ifname)
+    return 0
+
+
+def _status_of(ifname: str, directory: str) -> dict:
+    state = tunnel.read_state(tunnel.state_path(ifname, directory))
+    if state is None:
+        raise ClientError(f"{ifname} is not up")
+    if not tunnel.is_running(state):
+        raise ClientError(f"{ifname} is not running (pid {state.get('pid')} is gone); "
+                          f"`pytun-client down {ifname}` cleans up after it")
+    try:
+        pairs = control.request(tunnel.socket_path(ifname, directory), [("get", "1")])
+    except control.HubNotRunning:
+        raise ClientError(f"{ifname} (pid {state['pid']}) does not answer on "
+                          f"{tunnel.socket_path(ifname, directory)}") from None
+    except control.ControlError as exc:
+        raise ClientError(f"{ifname}: {exc}") from None
+    out: dict = {}
+    for key, value in pairs:
+        out[key] = int(value) if value.isdigit() else value
+    return out
+
+
+def format_status(s: dict, now: float | None = None) -> str:
+    lines = [f"interface: {s.get('interface')} (pid {s.get('pid')}, {s.get('state')})",
+             f"  public key: {s.get('public_key')}",
+             f"  address: {s.get('address') or '-'}",
+             f"hub: {s.get('hub') or '(no endpoint; waiting for the hub)'}",
+             f"  endpoint: {s.get('endpoint') or '-'}",
+             f"  latest handshake: {human_ago(s.get('latest_handshake') or None, now)}",
+             f"  transfer: {human_bytes(s.get('rx_bytes', 0))} received, "
+             f"{human_bytes(s.get('tx_bytes', 0))} sent"]
+    if s.get("persistent_keepalive"):
+        lines.append(f"  persistent keepalive: every {s['persistent_keepalive']} seconds")
+    if s.get("full_tunnel"):
+        lines.append("  routing: full tunnel")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_status(args) -> int:
+    directory = tunnel.run_dir()
+    if args.interface:
+        names = [check_interface(args.interface)]
+    else:
+        names = sorted(os.path.basename(p)[:-5]
+                       for p in glob.glob(os.path.join(directory, "*.json")))
+    if not names:
+        if args.json:
+            print("[]")
+        else:
+            print(f"{PROG}: no tunnels are up", file=sys.stderr)
+        return 0
+    results = [_status_of(name, directory) for name in names]
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        sys.stdout.write("\n".join(format_status(s) for s in results))
+    return 0
+
+
+# ---------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="The laptop end of pytun: a WireGuard tunnel to the hub, with its routes "
+                    "and DNS, from one wg-quick config file.")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sp = sub.add_parser("up", help="bring the tunnel up; stays in the foreground until "
+                                   "SIGTERM or SIGINT",
+                        description="Bring the tunnel up and stay in the foreground until SIGTERM "
+                                    "or SIGINT, then remove its routes, rules and DNS.")
+    sp.add_argument("config", metavar="CONFIG", help="wg-quick file, e.g. alice.conf")
+    sp.add_argument("--interface", metavar="NAME",
+                    help="interface name (default: the file name without .conf)")
+    sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sp.set_defaults(fn=cmd_up)
+
+    sp = sub.add_parser("down", help="stop a running tunnel, or clean up after a killed one",
+                        description="Stop the tunnel and remove everything it set up; also "
+                                    "cleans up after a client that was killed.")
+    sp.add_argument("target", metavar="CONFIG|IFACE")
+    sp.set_defaults(fn=cmd_down, verbose=False)
+
+    sp = sub.add_parser("status", help="endpoint, latest handshake and traffic of tunnels",
+                        description="Show the running tunnels (or one): the hub's endpoint, the "
+                                    "latest handshake, bytes received and sent.")
+    sp.add_argument("interface", metavar="IFACE", nargs="?")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_status, verbose=False)
+    return p
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        level = {logging.WARNING: "warning: ", logging.ERROR: "error: ",
+                 logging.CRITICAL: "error: "}.get(record.levelno, "")
+        return f"{PROG}: {level}{record.getMessage()}"
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    root = logging.getLogger("pytun")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) and usage errors (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    _setup_logging(args.verbose)
+    try:
+        return args.fn(args)
+    except (ClientError, TunnelError, config.ConfigError, linux.LinuxError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"{PROG}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Routes and policy rules for the tunnel: a pure plan, then apply and undo.
+
+What wg-quick does, as data first:
+
+    split tunnel   ip route add NET dev IFACE                  for each AllowedIPs network
+                   (skipped when the interface's own address prefix already covers it)
+    full tunnel    ip route add default dev IFACE table T      for each family with a /0
+                   ip rule add not fwmark T table T
+                   ip rule add table main suppress_prefixlength 0
+                   the UDP socket carries fwmark T, so the tunnel's own packets to the hub
+                   still follow the main table; T is FwMark, else the first free table from 51820
+                   (IPv4) nft: conntrack restores the mark on the hub's replies and
+                   src_valid_mark=1, so strict reverse-path filtering lets them in; packets for
+                   the tunnel address that arrive on another interface are dropped
+    Table = off    no routes;  Table = N or main: every AllowedIPs route in table N, no rules
+
+`plan_routes` is pure (the current tables and rule priorities are arguments), so the plan is
+tested without root. `apply` and `undo` carry a plan out through common/linux; `undo` is
+idempotent and runs from the state file after a crash, so it only ever removes what carries
+this interface's name, table or explicit rule priority.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+from ..common import linux
+
+DEFAULT_TABLE = 51820  # wg-quick's first choice for the full-tunnel table and fwmark
+MAIN_TABLE = 254
+SRC_VALID_MARK = "/proc/sys/net/ipv4/conf/all/src_valid_mark"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class PlanError(ValueError):
+    """The configuration asks for routing pytun-client cannot set up."""
+
+
+@dataclass(frozen=True)
+class Route:
+    dst: IPNetwork
+    table: int | None = None  # None: the main table
+
+    def __str__(self) -> str:
+        return f"{self.dst}" + (f" table {self.table}" if self.table is not None else "")
+
+
+@dataclass(frozen=True)
+class Rule:
+    family: int
+    table: int
+    priority: int
+    fwmark: int | None = None
+    invert: bool = False
+    suppress_prefixlength: int | None = None
+
+    def __str__(self) -> str:
+        words = [f"-{self.family} pref {self.priority}"]
+        if self.fwmark is not None:
+            words.append(("not " if self.invert else "") + f"fwmark {self.fwmark}")
+        words.append("table main" if self.table == MAIN_TABLE else f"table {self.table}")
+        if self.suppress_prefixlength is not None:
+            words.append(f"suppress_prefixlength {self.suppress_prefixlength}")
+        return " ".join(words)
+
+
+@dataclass
+class Plan:
+    routes: list[Route] = field(default_factory=list)
+    rules: list[Rule] = field(default_factory=list)
+    fwmark: int = 0  # SO_MARK of the UDP socket; 0: none
+    full_tunnel: tuple[int, ...] = ()  # families whose default route goes through the tunnel
+    guard: tuple[str, ...] = ()  # IPv4 tunnel addresses protected by the nft raw rule
+    src_valid_mark: bool = False  # set net.ipv4.conf.all.src_valid_mark=1 (it was 0)
+
+    def to_json(self) -> dict:
+        return {
+            "routes": [{"dst": str(r.dst), "table": r.table} for r in self.routes],
+            "rules": [{"family": r.family, "table": r.table, "priority": r.priority,
+                       "fwmark": r.fwmark, "invert": r.invert,
+                       "suppress_prefixlength": r.suppress_prefixlength} for r in self.rules],
+            "fwmark": self.fwmark,
+            "full_tunnel": list(self.full_tunnel),
+            "guard": list(self.guard),
+            "src_valid_mark": self.src_valid_mark,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Plan":
+        return cls(
+            routes=[Route(ipaddress.ip_network(r["dst"]), r.get("table")) for r in d.get("routes", [])],
+            rules=[Rule(**r) for r in d.get("rules", [])],
+            fwmark=int(d.get("fwmark") or 0),
+            full_tunnel=tuple(d.get("full_tunnel", ())),
+            guard=tuple(d.get("guard", ())),
+            src_valid_mark=bool(d.get("src_valid_mark")),
+        )
+
+
+def parse_table(value: str | None) -> int | str:
+    """Config `Table`: 'auto' (default), 'off', 'main' or a number."""
+    if value is None or value.lower() == "auto":
+        return "auto"
+    if value.lower() == "off":
+        return "off"
+    if value.lower() == "main":
+        return MAIN_TABLE
+    if value.isdigit() and 0 < int(value) < 2**32:
+        return int(value)
+    raise PlanError(f"Table = {value}: pytun-client accepts auto, off, main or a table number")
+
+
+def plan_routes(allowed_ips, addresses=(), *, table: str | None = None,
+                fwmark: int | None = None, used_tables=frozenset(),
+                lowest_priority: dict[int, int] | None = None,
+                src_valid_mark: str = "0") -> Plan:
+    """The routes, rules and marks for a tunnel whose one peer has `allowed_ips`.
+
+    `used_tables` are routing tables that already hold routes (a new full-tunnel table must be
+    empty); `lowest_priority` maps a family to its lowest non-zero rule priority (new rules go
+    just in front of it, as `ip rule add` would put them); `src_valid_mark` is the sysctl's
+    current value.
+    """
+    mode = parse_table(table)
+    lowest_priority = lowest_priority or {}
+    networks: list[IPNetwork] = []
+    for n in allowed_ips:
+        n = ipaddress.ip_network(n, strict=False)
+        if n not in networks:
+            networks.append(n)
+    networks.sort(key=lambda n: (-n.prefixlen, n.version))  # most specific first, as wg-quick
+    plan = Plan(fwmark=fwmark or 0)
+    if mode == "off":
+        return plan
+    if mode != "auto":
+        plan.routes = [Route(n, mode) for n in networks]
+        return plan
+    connected = [ipaddress.ip_interface(a).network for a in addresses]
+    defaults = [n for n in networks if n.prefixlen == 0]
+    for n in networks:
+        if n.prefixlen == 0:
+            continue
+        if any(n.version == c.version and c.prefixlen < c.max_prefixlen and n.subnet_of(c)
+               for c in connected):
+            continue  # the kernel's own prefix route for the address covers it
+        plan.routes.append(Route(n))
+    if not defaults:
+        return plan
+    if fwmark:
+        full_table = fwmark
+    else:
+        full_table = DEFAULT_TABLE
+        while full_table in used_tables:
+            full_table += 1
+        plan.fwmark = full_table
+    for n in defaults:
+        fam = n.version
+        # The kernel puts a rule without a priority just in front of the first non-zero one;
+        # naming that priority ourselves lets `undo` delete exactly our rule.
+        below = lowest_priority.get(fam, 32766)
+        plan.rules.append(Rule(fam, full_table, below - 1, fwmark=full_table, invert=True))
+        plan.rules.append(Rule(fam, MAIN_TABLE, below - 2, suppress_prefixlength=0))
+        plan.routes.append(Route(n, full_table))
+    plan.full_tunnel = tuple(n.version for n in defaults)
+    if 4 in plan.full_tunnel:
+        plan.guard = tuple(str(ipaddress.ip_interface(a).ip) for a in addresses
+                           if ipaddress.ip_interface(a).version == 4)
+        plan.src_valid_mark = src_valid_mark.strip() != "1"
+    return plan
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+def used_tables(route_lines: list[str]) -> set[int]:
+    """Routing tables named in `linux.route_dump()` lines (main, local and default included)."""
+    names = {"main": MAIN_TABLE, "local": 255, "default": 253}
+    found = set()
+    for line in route_lines:
+        m = re.search(r"\btable (\S+)", line)
+        if m:
+            word = m.group(1)
+            found.add(int(word) if word.isdigit() else names.get(word, -1))
+    return found
+
+
+def lowest_priorities(rule_lines: list[str]) -> dict[int, int]:
+    """Per family, the lowest non-zero rule priority in `linux.rule_dump()` lines."""
+    out: dict[int, int] = {}
+    for line in rule_lines:
+        m = re.match(r"inet(6?) (\d+):", line)
+        if m and int(m.group(2)) > 0:
+            fam = 6 if m.group(1) else 4
+            out[fam] = min(out.get(fam, 1 << 32), int(m.group(2)))
+    return out
+
+
+def read_src_valid_mark() -> str:
+    try:
+        with open(SRC_VALID_MARK) as f:
+            return f.read().strip()
+    except OSError:
+        return "0"
+
+
+def plan_for(allowed_ips, addresses, *, table=None, fwmark=None) -> Plan:
+    """plan_routes with the kernel's current tables, rule priorities and sysctl."""
+    return plan_routes(allowed_ips, addresses, table=table, fwmark=fwmark,
+                       used_tables=used_tables(linux.route_dump()),
+                       lowest_priority=lowest_priorities(linux.rule_dump()),
+                       src_valid_mark=read_src_valid_mark())
+
+
+# ---------------------------------------------------------------------------------- acting
+
+
+def nft_table(ifname: str) -> str:
+    return f"pytun-{ifname}"
+
+
+def nft_script(plan: Plan, ifname: str) -> str:
+    """wg-quick's nft rules for a full tunnel (IPv4 and IPv6 alike)."""
+    lines = []
+    for fam in plan.full_tunnel:
+        pf = "ip" if fam == 4 else "ip6"
+        t = f"{pf} {nft_table(ifname)}"
+        lines += [
+            f"add table {t}",
+            f"add chain {t} preraw {{ type filter hook prerouting priority -300; }}",
+            f"add chain {t} premangle {{ type filter hook prerouting priority -150; }}",
+            f"add chain {t} postmangle {{ type filter hook postrouting priority -150; }}",
+        ]
+        if fam == 4:
+            lines += [f'add rule {t} preraw iifname != "{ifname}" ip daddr {a} '
+                      f"fib saddr type != local drop" for a in plan.guard]
+        lines += [
+            f"add rule {t} postmangle meta l4proto udp mark {plan.fwmark} ct mark set mark",
+            f"add rule {t} premangle meta l4proto udp meta mark set ct mark",
+        ]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def _nft(script: str) -> str | None:
+    """Run an nft script; the first line of its complaint, or None when it worked."""
+    if shutil.which("nft") is None:
+        return "the nft command is not installed"
+    done = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
+    if done.returncode != 0:
+        return (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[0]
+    return None
+
+
+def _remove_nft(plan: Plan, ifname: str) -> None:
+    if shutil.which("nft") is None:
+        return
+    for fam in plan.full_tunnel:
+        pf = "ip" if fam == 4 else "ip6"
+        subprocess.run(["nft", "delete", "table", pf, nft_table(ifname)],
+                       capture_output=True, text=True)
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def apply(plan: Plan, ifname: str) -> list[str]:
+    """Add the plan's routes and rules (LinuxError on failure); returns warnings.
+
+    The caller records the plan first and calls `undo` if this raises.
+    """
+    warnings = []
+    for route in plan.routes:
+        linux.add_route(route.dst, ifname, route.table)
+    for rule in plan.rules:
+        linux.add_rule(rule.table, family=rule.family, fwmark=rule.fwmark, invert=rule.invert,
+                       suppress_prefixlength=rule.suppress_prefixlength, priority=rule.priority)
+    if plan.full_tunnel:
+        _remove_nft(plan, ifname)  # leftovers of a run that was killed
+        problem = _nft(nft_script(plan, ifname))
+        if problem:
+            warnings.append(f"full tunnel without its nft rules ({problem}): with strict "
+                            "reverse-path filtering (rp_filter=1) the hub's replies may be dropped")
+    if plan.src_valid_mark:
+        try:
+            _write_sysctl(SRC_VALID_MARK, "1")
+        except OSError as exc:
+            warnings.append(f"cannot set net.ipv4.conf.all.src_valid_mark=1: {exc.strerror}")
+    return warnings
+
+
+def undo(plan: Plan, ifname: str) -> list[str]:
+    """Remove what `apply` added; safe to repeat and after a partial apply. Returns problems."""
+    problems = []
+    for rule in reversed(plan.rules):
+        try:
+            linux.del_rule(rule.table, family=rule.family, fwmark=rule.fwmark, invert=rule.invert,
+                           suppress_prefixlength=rule.suppress_prefixlength,
+                           priority=rule.priority)
+        except linux.LinuxError as exc:
+            problems.append(str(exc))
+    for route in reversed(plan.routes):
+        try:
+            linux.del_route(route.dst, ifname, route.table)
+        except linux.LinuxError as exc:
+            problems.append(str(exc))
+    if plan.full_tunnel:
+        _remove_nft(plan, ifname)
+    if plan.src_valid_mark and read_src_valid_mark() == "1":
+        # Put it back unless another full tunnel (a `not fwmark` rule) still relies on it.
+        try:
+            others = any("not from all fwmark" in line for line in linux.rule_dump())
+        except linux.LinuxError:
+            others = True
+        if not others:
+            try:
+                _write_sysctl(SRC_VALID_MARK, "0")
+            except OSError as exc:
+                problems.append(f"cannot restore src_valid_mark: {exc.strerror}")
+    return problems
+
+
+def covering(networks, address) -> IPNetwork | None:
+    """The first of `networks` that holds `address` (a hub endpoint inside a split route loops)."""
+    address = ipaddress.ip_address(address)
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    for n in networks:
+        if n.version == address.version and address in n:
+            return n
+    return None

@@ -1,0 +1,461 @@
+"""One running tunnel: the shared engine with one peer (the hub), its routes, DNS and state.
+
+    up:   TUN device with the config's addresses and MTU, one UDP socket (marked for a full
+          tunnel), the Device and its Driver, the control socket; then the hub's address
+          (retried every few seconds while it cannot be resolved), a handshake at once,
+          routes and rules, DNS. Runs until SIGTERM, SIGINT or SIGHUP, then undoes all of it.
+    state RUN_DIR/IFACE.json records the PID and everything set up, written before each
+          step is carried out, so `down` can undo it after a SIGKILL; RUN_DIR/IFACE.sock
+          answers `get=1` (server/control.py's protocol) for `status`.
+
+Handshakes, keepalives and rekeying are the engine's. On top of it the client re-resolves a
+host-name endpoint while handshakes go unanswered (after 15 s, and when the engine gives up),
+moving on to the next address the name has, so a hub that changed address or a dead address
+among several is left behind without a restart.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+
+import trio
+
+from ..common import keys, linux
+from ..common.config import WgConfig
+from ..common.device import Device
+from ..common.driver import Driver, endpoint_for, format_endpoint, open_udp
+from ..common.peer import REKEY_TIMEOUT
+from ..server import control
+from . import dns, routes
+
+log = logging.getLogger("pytun")
+
+RUN_DIR = "/run/pytun"
+STATE_VERSION = 1
+DEFAULT_MTU = 1420
+RESOLVE_RETRY = 5.0  # seconds between tries while the hub's name does not resolve
+RESOLVE_TIMEOUT = 10.0
+RERESOLVE_AFTER = 15.0  # unanswered handshakes for this long: look the name up again
+WATCH_INTERVAL = 1.0
+
+_ABANDON = ("abandon_on_cancel"
+            if "abandon_on_cancel" in inspect.signature(trio.to_thread.run_sync).parameters
+            else "cancellable")
+
+
+class TunnelError(Exception):
+    """The tunnel cannot come up; the message is one line for the operator."""
+
+
+# ---------------------------------------------------------------------------------- runtime files
+
+
+def run_dir() -> str:
+    return os.environ.get("PYTUN_RUN_DIR") or RUN_DIR
+
+
+def state_path(ifname: str, directory: str | None = None) -> str:
+    return os.path.join(directory or run_dir(), f"{ifname}.json")
+
+
+def socket_path(ifname: str, directory: str | None = None) -> str:
+    return os.path.join(directory or run_dir(), f"{ifname}.sock")
+
+
+def ensure_run_dir(directory: str) -> None:
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise TunnelError(f"cannot create {directory}: {exc.strerror}") from None
+
+
+def write_state(path: str, state: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_state(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise TunnelError(f"cannot read {path}: {exc}") from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise TunnelError(f"{path} is not a pytun-client state file (version {STATE_VERSION})")
+    return state
+
+
+def process_start_time(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks), or None for a gone process.
+
+    With the PID it names one process for good: a recycled PID has another start time.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    if not fields or fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
+
+
+def is_running(state: dict) -> bool:
+    pid = state.get("pid")
+    return isinstance(pid, int) and process_start_time(pid) == state.get("start_time")
+
+
+def undo_recorded(state: dict) -> list[str]:
+    """Undo what a state file records (DNS, rules, routes, nft, the link). Returns problems."""
+    ifname = state["interface"]
+    problems = []
+    problem = dns.undo(state.get("dns"))
+    if problem:
+        problems.append(problem)
+    if state.get("plan"):
+        problems += routes.undo(routes.Plan.from_json(state["plan"]), ifname)
+    try:
+        if state.get("link") and linux.link_exists(ifname):
+            linux.delete_link(ifname)
+    except linux.LinuxError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+# ---------------------------------------------------------------------------------- resolution
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def lookup(host: str, port: int, family: int) -> list[str]:
+    """The addresses of `host` in getaddrinfo's order (IPv4 only on an IPv4 socket)."""
+    infos = socket.getaddrinfo(host, port, socket.AF_INET if family == socket.AF_INET else 0,
+                               socket.SOCK_DGRAM)
+    out = []
+    for fam, _, _, _, sockaddr in infos:
+        if fam in (socket.AF_INET, socket.AF_INET6) and sockaddr[0] not in out:
+            out.append(sockaddr[0])
+    return out
+
+
+def next_address(addresses: list[str], current: str | None) -> str:
+    """The address to try: after a failure at `current`, the next one the name has."""
+    if current in addresses and len(addresses) > 1:
+        return addresses[(addresses.index(current) + 1) % len(addresses)]
+    return addresses[0]
+
+
+def _host_of(endpoint) -> str | None:
+    if endpoint is None:
+        return None
+    host = endpoint[0]
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+# ---------------------------------------------------------------------------------- the tunnel
+
+
+class Tunnel:
+    def __init__(self, cfg: WgConfig, ifname: str, config_path: str, directory: str, *,
+                 lookup=lookup, resolve_retry: float = RESOLVE_RETRY):
+        self.cfg = cfg
+        self.peer_cfg = cfg.peers[0]
+        self.ifname = ifname
+        self.dir = directory
+        self.lookup = lookup
+        self.resolve_retry = resolve_retry
+        self.mtu = cfg.interface.mtu or DEFAULT_MTU
+        self.state = {"version": STATE_VERSION, "pid": os.getpid(),
+                      "start_time": process_start_time(os.getpid()), "interface": ifname,
+                      "config": os.path.abspath(config_path), "link": False, "plan": None,
+                      "dns": None}
+        self.tun_fd: int | None = None
+        self.sock: socket.socket | None = None
+        self.device: Device | None = None
+        self.peer = None
+        self.driver: Driver | None = None
+        self.plan: routes.Plan | None = None
+        self.phase = "starting"
+        self.hub_label = ""  # host:port as configured
+        self.connected = False
+        self.failing_since: float | None = None
+        self.last_resolve = -1e9
+        self.resolving = False
+        self.warned_silent = False
+        self.error: BaseException | None = None
+        self._nursery: trio.Nursery | None = None
+        self._teardown_done = False
+
+    # -- state file ---------------------------------------------------------------------------
+
+    def save(self) -> None:
+        write_state(state_path(self.ifname, self.dir), self.state)
+
+    # -- set-up steps ---------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        """TUN device, addresses, MTU, UDP socket, engine. Raises LinuxError / TunnelError."""
+        i = self.cfg.interface
+        if linux.link_exists(self.ifname):
+            raise TunnelError(f"an interface named {self.ifname} already exists; "
+                              "choose another name with --interface")
+        self.plan = routes.plan_for(self.peer_cfg.allowed_ips, i.addresses, table=i.table,
+                                    fwmark=i.fwmark)
+        self.state["link"] = True
+        self.save()
+        self.tun_fd, self.ifname = linux.open_tun(self.ifname)
+        linux.configure_link(self.ifname, i.addresses, self.mtu)
+        try:
+            self.sock = open_udp(i.listen_port or 0, mark=self.plan.fwmark)
+        except OSError as exc:
+            raise TunnelError(f"cannot open the UDP socket: {exc.strerror or exc}") from None
+        p = self.peer_cfg
+        self.device = Device(i.private_key, mtu=self.mtu)
+        self.peer = self.device.add_peer(p.public_key, preshared_key=p.preshared_key,
+                                         allowed_ips=p.allowed_ips,
+                                         persistent_keepalive=p.persistent_keepalive, name="hub")
+        if p.endpoint is not None:
+            host, port = p.endpoint
+            self.hub_label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.driver = Driver(self.device, self.tun_fd, self.sock, on_event=self.on_event)
+
+    def _route(self) -> None:
+        """Routes, rules, marks, then DNS; each recorded before it is carried out."""
+        self.state["plan"] = self.plan.to_json()
+        self.save()
+        for warning in routes.apply(self.plan, self.ifname):
+            log.warning("%s", warning)
+        i = self.cfg.interface
+        if i.dns or i.dns_search:
+            self.state["dns"] = {"method": "pending"}
+            record, warning = dns.apply(self.ifname, i.dns, i.dns_search,
+                                        full_tunnel=bool(self.plan.full_tunnel))
+            self.state["dns"] = record
+            self.save()
+            if warning:
+                log.warning("%s", warning)
+        if any(x for x in (i.pre_up, i.post_up, i.pre_down, i.post_down)):
+            log.warning("PreUp/PostUp/PreDown/PostDown commands in the config are not run")
+
+    # -- the hub's address ----------------------------------------------------------------------
+
+    async def _resolve(self, *, first: bool) -> bool:
+        """Look the hub's name up once; set the endpoint. True when an address was found."""
+        host, port = self.peer_cfg.endpoint
+        self.last_resolve = trio.current_time()
+        try:
+            with trio.fail_after(RESOLVE_TIMEOUT):
+                addresses = await trio.to_thread.run_sync(
+                    self.lookup, host, port, self.sock.family, **{_ABANDON: True})
+        except trio.TooSlowError:
+            log.warning("cannot resolve %s: no answer within %g s", host, RESOLVE_TIMEOUT)
+            return False
+        except (OSError, UnicodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.warning("cannot resolve %s: %s%s", host, reason,
+                        f"; trying again in {self.resolve_retry:g} s" if first else "")
+            return False
+        if not addresses:
+            log.warning("cannot resolve %s: no usable address", host)
+            return False
+        current = _host_of(self.peer.endpoint)
+        chosen = addresses[0] if first else next_address(addresses, current)
+        try:
+            endpoint = endpoint_for(self.sock, chosen, port)
+        except ValueError as exc:
+            log.warning("cannot use %s for %s: %s", chosen, host, exc)
+            return False
+        if endpoint != self.peer.endpoint:
+            if not first:
+                log.info("hub %s: trying %s (was %s)", self.hub_label, chosen,
+                         format_endpoint(self.peer.endpoint) or "none")
+            self.peer.endpoint = endpoint
+            if not first:
+                self.device.initiate(self.peer, trio.current_time())
+                self.driver.flush_nowait()
+        return True
+
+    async def _resolve_first(self) -> None:
+        host, port = self.peer_cfg.endpoint
+        if is_ip(host):
+            self.peer.endpoint = endpoint_for(self.sock, host.strip("[]"), port)
+        else:
+            self.phase = "resolving"
+            while not await self._resolve(first=True):
+                await trio.sleep(self.resolve_retry)
+        log.info("hub at %s%s", self.hub_label,
+                 "" if is_ip(host) else f" ({format_endpoint(self.peer.endpoint)})")
+        covered = routes.covering(self.peer_cfg.allowed_ips, _host_of(self.peer.endpoint))
+        if covered is not None and covered.prefixlen > 0:
+            log.warning("the hub's address is inside AllowedIPs %s: its own packets would loop "
+                        "into the tunnel", covered)
+
+    async def _re_resolve(self) -> None:
+        self.resolving = True
+        try:
+            await self._resolve(first=False)
+        finally:
+            self.resolving = False
+
+    # -- events and watching -------------------------------------------------------------------
+
+    def on_event(self, kind: str, peer, detail) -> None:
+        if kind == "handshake":
+            self.failing_since = None
+            self.warned_silent = False
+            self.phase = "up"
+            if not self.connected:
+                log.info("handshake with hub %s", format_endpoint(peer.endpoint))
+                self.connected = True
+            else:
+                log.debug("handshake with hub %s (new session)", format_endpoint(peer.endpoint))
+        elif kind == "endpoint":
+            log.info("hub now answers from %s", format_endpoint(detail))
+        elif kind == "handshake_gave_up":
+            log.warning("no handshake answer from the hub at %s for 90 s; still trying when "
+                        "there is traffic", format_endpoint(peer.endpoint))
+            self.connected = False
+            self.phase = "no answer"
+            if self._has_name() and not self.resolving and self._nursery is not None:
+                self._nursery.start_soon(self._re_resolve)
+
+    def _has_name(self) -> bool:
+        return self.peer_cfg.endpoint is not None and not is_ip(self.peer_cfg.endpoint[0])
+
+    def check(self, now: float) -> bool:
+        """Once a second: are handshakes going unanswered? True: look the name up again."""
+        peer = self.peer
+        hs = peer.handshake
+        failing = hs is not None and (peer.last_handshake is None or peer.last_handshake < hs.sent)
+        if not failing:
+            self.failing_since = None
+            return False
+        if self.failing_since is None:
+            self.failing_since = hs.sent
+        silent = now - self.failing_since
+        if silent < RERESOLVE_AFTER:
+            return False
+        if self.connected or not self.warned_silent:
+            log.warning("the hub at %s has not answered a handshake for %d s",
+                        format_endpoint(peer.endpoint), silent)
+            self.warned_silent = True
+            self.connected = False
+            self.phase = "no answer"
+        retrying = (peer.last_sent_handshake is not None
+                    and now - peer.last_sent_handshake < 2 * REKEY_TIMEOUT + 1)
+        return (retrying and self._has_name() and not self.resolving
+                and now - self.last_resolve >= RERESOLVE_AFTER)
+
+    async def _watch(self) -> None:
+        while True:
+            await trio.sleep(WATCH_INTERVAL)
+            if self.check(trio.current_time()):
+                self._nursery.start_soon(self._re_resolve)
+
+    # -- control socket ------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        p = self.peer
+        i = self.cfg.interface
+        return {
+            "interface": self.ifname,
+            "pid": os.getpid(),
+            "state": self.phase,
+            "public_key": keys.encode_key(self.device.public_key) if self.device else "",
+            "address": ",".join(str(a) for a in i.addresses),
+            "hub_public_key": keys.encode_key(self.peer_cfg.public_key),
+            "hub": self.hub_label,
+            "endpoint": format_endpoint(p.endpoint) if p else "",
+            "latest_handshake": int(p.last_handshake_wall or 0) if p else 0,
+            "rx_bytes": p.rx_bytes if p else 0,
+            "tx_bytes": p.tx_bytes if p else 0,
+            "persistent_keepalive": self.peer_cfg.persistent_keepalive,
+            "full_tunnel": int(bool(self.plan and self.plan.full_tunnel)),
+        }
+
+    def handle_control(self, pairs):
+        if [k for k, _ in pairs] == ["get"]:
+            return list(self.status().items())
+        raise control.ControlError(f"unknown request {' '.join(k for k, _ in pairs)!r}")
+
+    # -- running -------------------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Bring the tunnel up and keep it until a signal. Errors land in self.error."""
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._stop_on_signal, signals, nursery.cancel_scope)
+                try:
+                    self._open()
+                    await nursery.start(control.serve, socket_path(self.ifname, self.dir),
+                                        self.handle_control)
+                    await nursery.start(self.driver.run)
+                    if self.peer_cfg.endpoint is not None:
+                        await self._resolve_first()
+                        self.phase = "handshaking"
+                        self.device.initiate(self.peer, trio.current_time())
+                        self.driver.flush_nowait()
+                    else:
+                        self.phase = "waiting for the hub"
+                        log.info("no Endpoint in the config: waiting for the hub to call")
+                    self._route()
+                except (linux.LinuxError, TunnelError, control.ControlError, OSError) as exc:
+                    self.error = exc
+                    nursery.cancel_scope.cancel()
+                    return
+                nursery.start_soon(self._watch)
+                log.info("%s is up: %s, %s", self.ifname,
+                         ", ".join(str(a) for a in self.cfg.interface.addresses) or "no address",
+                         "full tunnel" if self.plan.full_tunnel else
+                         f"{len(self.plan.routes)} route(s) through the tunnel")
+                task_status.started()
+
+    async def _stop_on_signal(self, signals, cancel_scope) -> None:
+        async for signum in signals:
+            log.info("stopping on %s", signal.Signals(signum).name)
+            cancel_scope.cancel()
+            return
+
+    def teardown(self) -> list[str]:
+        """Undo everything, in reverse; safe to call twice. Returns problems."""
+        if self._teardown_done:
+            return []
+        self._teardown_done = True
+        problems = []
+        problem = dns.undo(self.state.get("dns"))
+        if problem:
+            problems.append(problem)
+        if self.state.get("plan"):
+            problems += routes.undo(self.plan, self.ifname)
+        if self.sock is not None:
+            self.sock.close()
+        if self.tun_fd is not None:
+            os.close(self.tun_fd)  # the TUN device goes with its last fd
+        try:
+            os.unlink(state_path(self.ifname, self.dir))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                problems.append(f"cannot remove the state file: {exc.strerror}")
+        return problems

@@ -1,0 +1,357 @@
+"""pytun-client against a real hub (pytun-server), in namespaces.
+
+    [lap] 198.51.100.2/25 --- 198.51.100.1/25 [isp] 198.51.100.129/25 --- 198.51.100.130/25 [hub]
+          default via isp                     (a router)                  UDP endpoint :51820
+                                                                          pytun 10.77.0.1/24
+          [inet] 203.0.113.2/25 --- 203.0.113.1/25 [hub]     the hub's default route: NAT egress
+        [office] 203.0.113.130/25 --- 203.0.113.129/25 [hub] routed to laptops (--route)
+
+The laptop reaches the hub only through its default route, so a full tunnel that forgot the
+fwmark would cut its own underlay. The inet host answers a UDP probe with the source address it
+saw: the laptop's own (198.51.100.2) when it goes direct, the hub's (203.0.113.1) through the
+tunnel and the hub's NAT. DNS goes to a stand-in `resolvconf` that logs its calls. Every client
+runs with its own PYTUN_RUN_DIR under tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pytun.common import config as wgconfig
+from tests.conftest import require_tools
+from tests.netns import ping, topology, unique, wait_until
+
+__all__ = ["topology"]  # the fixture
+pytestmark = pytest.mark.netns
+
+PY = sys.executable
+HUB = "198.51.100.130"
+HUB_INNER = "10.77.0.1"
+INET = "203.0.113.2"
+HUB_INET = "203.0.113.1"
+OFFICE = "203.0.113.130"
+LAPTOP = "198.51.100.2"
+
+UDP_SOURCE_SERVER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print("listening", flush=True)
+s.settimeout(20)
+data, addr = s.recvfrom(100)
+print(addr[0], flush=True)
+s.sendto(data, addr)
+"""
+
+UDP_PROBE = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(10)
+s.sendto(b"probe", (sys.argv[1], int(sys.argv[2])))
+print(s.recv(100).decode())
+"""
+
+FAKE_RESOLVCONF = """#!/bin/sh
+{ echo "resolvconf $*"; if [ "$1" = "-a" ]; then cat; fi; } >> "$RESOLVCONF_LOG"
+"""
+
+
+class Net:
+    """The namespaces above, a hub state directory and a running hub."""
+
+    def __init__(self, topo, tmp_path):
+        self.topo, self.tmp = topo, tmp_path
+        self.lap, self.isp, self.hub = topo.netns("lap"), topo.netns("isp"), topo.netns("hub")
+        self.inet, self.office = topo.netns("inet"), topo.netns("off")
+        self.lap_dev, _ = topo.veth(self.lap, f"{LAPTOP}/25", self.isp, "198.51.100.1/25")
+        topo.veth(self.isp, "198.51.100.129/25", self.hub, f"{HUB}/25")
+        topo.veth(self.hub, f"{HUB_INET}/25", self.inet, f"{INET}/25")
+        topo.veth(self.hub, "203.0.113.129/25", self.office, f"{OFFICE}/25")
+        self.isp.run("sysctl -qw net.ipv4.ip_forward=1")
+        self.isp.run(f"ip route add 203.0.113.0/24 via {HUB}")
+        self.lap.run("ip route add default via 198.51.100.1")
+        self.hub.run(f"ip route add default via {INET}")
+        self.hub.run("ip route add 198.51.100.0/25 via 198.51.100.129")
+        self.inet.run(f"ip route add default via {HUB_INET}")
+        self.office.run("ip route add default via 203.0.113.129")
+        # Let IPv6 link-local addresses settle, so route dumps taken later compare equal.
+        wait_until(lambda: not self.lap.run("ip -6 addr show tentative").stdout.strip(),
+                   what="IPv6 duplicate address detection in the laptop")
+        self.state = str(tmp_path / "hub-state")
+        self.hub_log = tmp_path / "hub.log"
+        self.hub_proc: subprocess.Popen | None = None
+        self.admin("init", "--subnet", "10.77.0.0/24", "--endpoint", f"{HUB}:51820",
+                   "--route", "203.0.113.128/25", "--dns", HUB_INNER,
+                   "--interface", unique("pt"))
+        self.start_hub()
+
+    def admin(self, *args) -> subprocess.CompletedProcess:
+        return self.hub.run([PY, "-m", "pytun.server.admin", "--state-dir", self.state, *args])
+
+    def start_hub(self) -> None:
+        with open(self.hub_log, "a") as log:
+            self.hub_proc = self.hub.popen([PY, "-m", "pytun.server.main", "--state-dir",
+                                            self.state], stdout=log, stderr=subprocess.STDOUT)
+        wait_until(self.hub_answers, timeout=15, what=f"the hub (log: {self.hub_log})")
+
+    def hub_answers(self) -> bool:
+        if self.hub_proc.poll() is not None:
+            raise AssertionError(f"the hub exited:\n{self.hub_log.read_text()}")
+        done = self.hub.run([PY, "-m", "pytun.server.admin", "--state-dir", self.state, "show",
+                             "--json"], check=False)
+        return done.returncode == 0 and "not running" not in done.stderr
+
+    def kill_hub(self) -> None:
+        self.hub_proc.kill()
+        self.hub_proc.wait(10)
+
+    def show(self) -> dict:
+        return {row["name"]: row for row in json.loads(self.admin("show", "--json").stdout)}
+
+    def add_peer(self, name: str, *args) -> str:
+        """Register a laptop; returns the path of its config, named for a unique interface."""
+        path = str(self.tmp / f"{unique('pc')}.conf")
+        self.admin("add-peer", name, "-o", path, *args)
+        return path
+
+    def source_seen_by_inet(self, port: int = 9999) -> str:
+        """The source address the inet host sees for a UDP probe from the laptop."""
+        server = self.inet.popen([PY, "-u", "-c", UDP_SOURCE_SERVER, INET, str(port)],
+                                 stdout=subprocess.PIPE, text=True)
+        assert server.stdout.readline().strip() == "listening"
+        assert self.lap.run([PY, "-c", UDP_PROBE, INET, str(port)], timeout=20).stdout.strip() \
+            == "probe"
+        seen = server.stdout.readline().strip()
+        server.wait(10)
+        return seen
+
+
+class Client:
+    """`pytun-client up CONFIG` in the laptop namespace, with its own run directory."""
+
+    def __init__(self, net: Net, config: str):
+        self.net, self.ns, self.config = net, net.lap, config
+        self.ifname = os.path.basename(config)[:-5]
+        self.run_dir = str(net.tmp / f"run-{self.ifname}")
+        bin_dir = net.tmp / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        (bin_dir / "resolvconf").write_text(FAKE_RESOLVCONF)
+        os.chmod(bin_dir / "resolvconf", 0o755)
+        self.resolvconf_log = net.tmp / f"resolvconf-{self.ifname}.log"
+        self.env = {**os.environ, "PYTUN_RUN_DIR": self.run_dir,
+                    "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                    "RESOLVCONF_LOG": str(self.resolvconf_log)}
+        self.log = net.tmp / f"client-{self.ifname}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def cli(self, *args, check: bool = True) -> subprocess.CompletedProcess:
+        return self.ns.run([PY, "-m", "pytun.client.main", *args], env=self.env, check=check)
+
+    def up(self, *, handshake: bool = True) -> None:
+        with open(self.log, "a") as log:
+            self.proc = self.ns.popen([PY, "-m", "pytun.client.main", "up", self.config],
+                                      stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        if handshake:
+            wait_until(lambda: self.status().get("latest_handshake"), timeout=15,
+                       what=f"the client's first handshake (log: {self.log})")
+
+    def status(self) -> dict:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"client exited {self.proc.returncode}:\n{self.log.read_text()}")
+        done = self.cli("status", self.ifname, "--json", check=False)
+        return json.loads(done.stdout)[0] if done.returncode == 0 else {}
+
+    def down(self) -> subprocess.CompletedProcess:
+        done = self.cli("down", self.config)
+        if self.proc is not None:
+            assert self.proc.wait(15) == 0, self.log.read_text()
+        return done
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def routing(ns) -> dict:
+    """Everything the client may change in the laptop: routes, rules, nft, src_valid_mark."""
+    return {
+        "routes4": ns.run("ip -4 route show table all").stdout,
+        "routes6": ns.run("ip -6 route show table all").stdout,
+        "rules4": ns.run("ip -4 rule show").stdout,
+        "rules6": ns.run("ip -6 rule show").stdout,
+        "nft": ns.run("nft list ruleset").stdout,
+        "src_valid_mark": ns.sysctl("net.ipv4.conf.all.src_valid_mark"),
+        "links": sorted(link["ifname"] for link in ns.ip_json("link show")),
+    }
+
+
+@pytest.fixture
+def net(topology, tmp_path):
+    require_tools("ping", "nft", "iptables-legacy-save")
+    n = Net(topology, tmp_path)
+    yield n
+    if n.hub_proc is not None and n.hub_proc.poll() is None:
+        n.hub_proc.terminate()
+        n.hub_proc.wait(10)
+
+
+def test_split_tunnel_routes_dns_and_a_clean_down(net):
+    before = routing(net.lap)
+    client = Client(net, net.add_peer("alice"))
+    client.up()
+    assert ping(net.lap, HUB_INNER, count=3)
+    assert ping(net.lap, OFFICE, count=3)  # a network behind the hub, through the tunnel
+    assert net.source_seen_by_inet() == LAPTOP  # everything else goes direct
+    assert f"dev {net.lap_dev}" in net.lap.run(f"ip route get {INET}").stdout
+    assert net.lap.run(f"ip route get {OFFICE}").stdout.split()[2] == client.ifname
+    assert client.resolvconf_log.read_text() == (
+        f"resolvconf -a {client.ifname} -m 0 -x\nnameserver {HUB_INNER}\n")
+
+    s = client.status()
+    assert s["endpoint"] == f"{HUB}:51820" and s["hub"] == f"{HUB}:51820"
+    assert s["rx_bytes"] > 0 and s["tx_bytes"] > 0 and s["state"] == "up"
+    human = client.cli("status").stdout
+    assert f"interface: {client.ifname}" in human and "latest handshake:" in human
+    assert net.show()["alice"]["endpoint"].startswith(f"{LAPTOP}:")
+
+    client.down()
+    assert routing(net.lap) == before
+    assert client.resolvconf_log.read_text().endswith(f"resolvconf -d {client.ifname} -f\n")
+    assert os.listdir(client.run_dir) == []
+    log = client.log.read_text()
+    assert "handshake with hub" in log and "warning" not in log, log
+
+
+def test_full_tunnel_goes_through_the_hub_nat_and_keeps_the_underlay(net):
+    for key in ("all", "default", net.lap_dev):  # strict reverse-path filtering, as on RHEL
+        net.lap.run("sysctl", "-qw", f"net.ipv4.conf.{key}.rp_filter=1")
+    before = routing(net.lap)
+    client = Client(net, net.add_peer("bob", "--full-tunnel"))
+    client.up()
+    assert net.source_seen_by_inet() == HUB_INET  # through the tunnel and the hub's NAT
+    assert ping(net.lap, HUB_INNER, count=3) and ping(net.lap, OFFICE)
+    rules = net.lap.run("ip -4 rule").stdout
+    assert "not from all fwmark 0xca6c lookup 51820" in rules
+    assert "from all lookup main suppress_prefixlength 0" in rules
+    # The hub's endpoint stays on the underlay for the marked socket, and handshakes go on.
+    assert f"dev {net.lap_dev}" in net.lap.run(f"ip route get {HUB} mark 51820").stdout
+    assert client.status()["endpoint"] == f"{HUB}:51820"
+    assert client.status()["full_tunnel"] == 1
+
+    client.down()
+    assert routing(net.lap) == before
+
+
+def test_down_cleans_up_after_sigkill_and_up_replaces_leftovers(net):
+    before = routing(net.lap)
+    client = Client(net, net.add_peer("carol", "--full-tunnel"))
+    client.up()
+    client.kill()
+    assert routing(net.lap) != before  # rules, nft table and DNS were left behind
+    done = client.cli("status", client.ifname, check=False)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"pytun-client: error: {client.ifname} is not running")
+    assert f"pytun-client down {client.ifname}" in done.stderr
+    client.proc = None
+    client.down()
+    assert routing(net.lap) == before
+    assert client.resolvconf_log.read_text().endswith(f"resolvconf -d {client.ifname} -f\n")
+
+    client.up()  # killed again: the next `up` removes the leftovers before it starts
+    client.kill()
+    client.up()
+    assert "did not stop cleanly" in client.log.read_text()
+    assert len([r for r in net.lap.run("ip -4 rule").stdout.splitlines() if "fwmark" in r]) == 1
+    client.down()
+    assert routing(net.lap) == before
+    done = client.cli("down", client.ifname, check=False)
+    assert (done.returncode, done.stderr.count("\n")) == (1, 1)
+    assert done.stderr.startswith(f"pytun-client: error: {client.ifname} is not up")
+
+
+def test_idle_laptop_is_back_within_20s_after_the_hub_restarts(net):
+    client = Client(net, net.add_peer("dave"))  # PersistentKeepalive 25
+    client.up()
+    assert ping(net.lap, HUB_INNER)
+    first = client.status()["latest_handshake"]
+    net.kill_hub()
+    t0, wall0 = time.monotonic(), time.time()
+    net.start_hub()
+    # No traffic from the laptop: the handshake must come without it.
+    wait_until(lambda: client.status().get("latest_handshake", 0) >= int(wall0), timeout=20,
+               what="a new handshake after the hub restarted")
+    assert ping(net.lap, HUB_INNER)
+    assert time.monotonic() - t0 < 20
+    assert client.status()["latest_handshake"] > first or first >= int(wall0)
+    client.down()
+
+
+def test_underlay_address_change_during_a_transfer(net):
+    require_tools("iperf3")
+    client = Client(net, net.add_peer("erin"))
+    client.up()
+    server = net.hub.popen(["iperf3", "-s", "-1", "-B", HUB_INNER, "-p", "5211"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: ":5211" in net.hub.run("ss -Hltn").stdout, what="iperf3 to listen")
+    transfer = net.lap.popen(["iperf3", "-c", HUB_INNER, "-p", "5211", "-t", "8", "-b", "40M",
+                              "-J"], stdout=subprocess.PIPE, text=True)
+    start = client.status()["tx_bytes"]
+    wait_until(lambda: client.status()["tx_bytes"] > start + (2 << 20), timeout=10,
+               what="the transfer to be under way")
+    new = "198.51.100.3"
+    net.lap.run("sh", "-c", f"ip addr del {LAPTOP}/25 dev {net.lap_dev} && "
+                f"ip addr add {new}/25 dev {net.lap_dev} && "
+                f"ip route replace default via 198.51.100.1")
+    out, _ = transfer.communicate(timeout=30)
+    assert transfer.returncode == 0, out[-2000:]
+    result = json.loads(out)
+    assert result["end"]["sum_received"]["bytes"] > 4 << 20
+    assert server.wait(10) == 0
+    wait_until(lambda: net.show()["erin"]["endpoint"].startswith(new + ":"), timeout=5,
+               what="the hub to follow the laptop to its new address")
+    client.down()
+
+
+def test_same_config_works_with_stock_wireguard_go(net):
+    require_tools("wireguard-go", "wg")
+    path = net.add_peer("frank")
+    text = open(path).read()
+    ifname = unique("wg")  # /run/wireguard/IFACE.sock is shared by every namespace
+    stripped = net.tmp / f"{ifname}-setconf"
+    stripped.write_text(wgconfig.strip(text))
+    net.lap.popen(["wireguard-go", "-f", ifname], stdout=subprocess.DEVNULL,
+                  stderr=subprocess.DEVNULL, env={**os.environ, "LOG_LEVEL": "error"})
+    wait_until(lambda: os.path.exists(f"/run/wireguard/{ifname}.sock"), timeout=10,
+               what="wireguard-go's UAPI socket")
+    cfg = wgconfig.parse(text)
+    net.lap.run("wg", "setconf", ifname, str(stripped))
+    for address in cfg.interface.addresses:
+        net.lap.run("ip", "addr", "add", str(address), "dev", ifname)
+    net.lap.run("ip", "link", "set", ifname, "mtu", "1420", "up")
+    for network in cfg.peers[0].allowed_ips:
+        net.lap.run("ip", "route", "add", str(network), "dev", ifname)
+    assert wait_until(lambda: ping(net.lap, HUB_INNER, timeout=1), timeout=10,
+                      what="wireguard-go to reach the hub")
+    assert ping(net.lap, OFFICE)
+    assert net.show()["frank"]["latest_handshake"]
+
+
+def test_start_errors_are_one_line(net):
+    path = net.add_peer("gina")
+    client = Client(net, path)
+    client.up()
+    again = client.cli("up", path, check=False)
+    assert again.returncode == 1
+    assert again.stderr == (f"pytun-client: error: {client.ifname} is already up "
+                            f"(pid {client.proc.pid}); run `pytun-client down {client.ifname}` "
+                            "first\n")
+    other = client.cli("up", path, "--interface", net.lap_dev, check=False)
+    assert other.returncode == 1 and other.stderr.count("\n") == 1
+    assert "already exists" in other.stderr
+    client.down()
