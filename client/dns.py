@@ -38,6 +38,16 @@ def _first_line(done) -> str:
     return text.splitlines()[0] if text else f"exit status {done.returncode}"
 
 
+def choose(ifname: str, *, which=shutil.which,
+           interface_order: str = INTERFACE_ORDER) -> dict | None:
+    """The record `apply` will follow and `undo` reads: method and name, or None (no tool)."""
+    if which("resolvconf"):
+        return {"method": "resolvconf", "name": resolvconf_name(ifname, interface_order)}
+    if which("resolvectl"):
+        return {"method": "resolvectl", "name": ifname}
+    return None
+
+
 def apply(ifname: str, servers, search=(), *, full_tunnel: bool = False,
           run=subprocess.run, which=shutil.which,
           interface_order: str = INTERFACE_ORDER) -> tuple[dict | None, str | None]:
@@ -46,19 +56,18 @@ def apply(ifname: str, servers, search=(), *, full_tunnel: bool = False,
     search = list(search)
     if not servers and not search:
         return None, None
-    if which("resolvconf"):
-        name = resolvconf_name(ifname, interface_order)
+    record = choose(ifname, which=which, interface_order=interface_order)
+    if record is not None and record["method"] == "resolvconf":
+        name = record["name"]
         text = "".join(f"nameserver {s}\n" for s in servers)
         if search:
             text += "search " + " ".join(search) + "\n"
-        record = {"method": "resolvconf", "name": name}
         done = run(["resolvconf", "-a", name, "-m", "0", "-x"], input=text,
                    capture_output=True, text=True)
         if done.returncode != 0:
             return record, f"resolvconf refused the DNS servers: {_first_line(done)}"
         return record, None
-    if which("resolvectl"):
-        record = {"method": "resolvectl", "name": ifname}
+    if record is not None:
         domains = search + (["~."] if full_tunnel else [])
         calls = []
         if servers:

@@ -233,6 +233,8 @@ def _status_of(ifname: str, directory: str) -> dict:
 
 
 def format_status(s: dict, now: float | None = None) -> str:
+    if "error" in s:
+        return f"interface: {s['interface']} ({s['error']})\n"
     lines = [f"interface: {s.get('interface')} (pid {s.get('pid')}, {s.get('state')})",
              f"  public key: {s.get('public_key')}",
              f"  address: {s.get('address') or '-'}",
@@ -261,7 +263,14 @@ def cmd_status(args) -> int:
         else:
             print(f"{PROG}: no tunnels are up", file=sys.stderr)
         return 0
-    results = [_status_of(name, directory) for name in names]
+    results = []
+    for name in names:
+        try:
+            results.append(_status_of(name, directory))
+        except ClientError as exc:
+            if args.interface:
+                raise
+            results.append({"interface": name, "state": "not running", "error": str(exc)})
     if args.json:
         print(json.dumps(results, indent=2))
     else:

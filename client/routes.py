@@ -77,6 +77,7 @@ class Plan:
     full_tunnel: tuple[int, ...] = ()  # families whose default route goes through the tunnel
     guard: tuple[str, ...] = ()  # IPv4 tunnel addresses protected by the nft raw rule
     src_valid_mark: bool = False  # set net.ipv4.conf.all.src_valid_mark=1 (it was 0)
+    skipped: tuple[str, ...] = ()  # IPv6 networks left out because IPv6 is off (not stored)
 
     def to_json(self) -> dict:
         return {
@@ -118,23 +119,27 @@ def parse_table(value: str | None) -> int | str:
 def plan_routes(allowed_ips, addresses=(), *, table: str | None = None,
                 fwmark: int | None = None, used_tables=frozenset(),
                 lowest_priority: dict[int, int] | None = None,
-                src_valid_mark: str = "0") -> Plan:
+                src_valid_mark: str = "0", ipv6: bool = True) -> Plan:
     """The routes, rules and marks for a tunnel whose one peer has `allowed_ips`.
 
     `used_tables` are routing tables that already hold routes (a new full-tunnel table must be
     empty); `lowest_priority` maps a family to its lowest non-zero rule priority (new rules go
     just in front of it, as `ip rule add` would put them); `src_valid_mark` is the sysctl's
-    current value.
+    current value. With `ipv6` False (the host has IPv6 off) IPv6 networks are left out and
+    listed in `skipped`.
     """
     mode = parse_table(table)
     lowest_priority = lowest_priority or {}
     networks: list[IPNetwork] = []
+    skipped: list[str] = []
     for n in allowed_ips:
         n = ipaddress.ip_network(n, strict=False)
-        if n not in networks:
+        if n.version == 6 and not ipv6:
+            skipped.append(str(n))
+        elif n not in networks:
             networks.append(n)
     networks.sort(key=lambda n: (-n.prefixlen, n.version))  # most specific first, as wg-quick
-    plan = Plan(fwmark=fwmark or 0)
+    plan = Plan(fwmark=fwmark or 0, skipped=tuple(skipped))
     if mode == "off":
         return plan
     if mode != "auto":
@@ -208,12 +213,24 @@ def read_src_valid_mark() -> str:
         return "0"
 
 
+def ipv6_enabled() -> bool:
+    """False when the kernel has no IPv6 or new interfaces get it disabled."""
+    try:
+        for which in ("all", "default"):
+            with open(f"/proc/sys/net/ipv6/conf/{which}/disable_ipv6") as f:
+                if f.read().strip() != "0":
+                    return False
+    except OSError:
+        return False
+    return True
+
+
 def plan_for(allowed_ips, addresses, *, table=None, fwmark=None) -> Plan:
-    """plan_routes with the kernel's current tables, rule priorities and sysctl."""
+    """plan_routes with the kernel's current tables, rule priorities and sysctls."""
     return plan_routes(allowed_ips, addresses, table=table, fwmark=fwmark,
                        used_tables=used_tables(linux.route_dump()),
                        lowest_priority=lowest_priorities(linux.rule_dump()),
-                       src_valid_mark=read_src_valid_mark())
+                       src_valid_mark=read_src_valid_mark(), ipv6=ipv6_enabled())
 
 
 # ---------------------------------------------------------------------------------- acting

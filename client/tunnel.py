@@ -218,12 +218,21 @@ class Tunnel:
         if linux.link_exists(self.ifname):
             raise TunnelError(f"an interface named {self.ifname} already exists; "
                               "choose another name with --interface")
-        self.plan = routes.plan_for(self.peer_cfg.allowed_ips, i.addresses, table=i.table,
+        addresses = i.addresses
+        if not routes.ipv6_enabled():
+            addresses = [a for a in addresses if a.version == 4]
+            left_out = [str(a) for a in i.addresses if a.version == 6]
+            if left_out:
+                log.warning("IPv6 is off on this host: address %s left out", ", ".join(left_out))
+        self.plan = routes.plan_for(self.peer_cfg.allowed_ips, addresses, table=i.table,
                                     fwmark=i.fwmark)
+        if self.plan.skipped:
+            log.warning("IPv6 is off on this host: AllowedIPs %s not routed",
+                        ", ".join(self.plan.skipped))
         self.state["link"] = True
         self.save()
         self.tun_fd, self.ifname = linux.open_tun(self.ifname)
-        linux.configure_link(self.ifname, i.addresses, self.mtu)
+        linux.configure_link(self.ifname, addresses, self.mtu)
         try:
             self.sock = open_udp(i.listen_port or 0, mark=self.plan.fwmark)
         except OSError as exc:
@@ -246,7 +255,8 @@ class Tunnel:
             log.warning("%s", warning)
         i = self.cfg.interface
         if i.dns or i.dns_search:
-            self.state["dns"] = {"method": "pending"}
+            self.state["dns"] = dns.choose(self.ifname)
+            self.save()
             record, warning = dns.apply(self.ifname, i.dns, i.dns_search,
                                         full_tunnel=bool(self.plan.full_tunnel))
             self.state["dns"] = record
@@ -262,20 +272,20 @@ class Tunnel:
         """Look the hub's name up once; set the endpoint. True when an address was found."""
         host, port = self.peer_cfg.endpoint
         self.last_resolve = trio.current_time()
+        again = f"; trying again in {self.resolve_retry:g} s" if first else ""
         try:
             with trio.fail_after(RESOLVE_TIMEOUT):
                 addresses = await trio.to_thread.run_sync(
                     self.lookup, host, port, self.sock.family, **{_ABANDON: True})
         except trio.TooSlowError:
-            log.warning("cannot resolve %s: no answer within %g s", host, RESOLVE_TIMEOUT)
+            log.warning("cannot resolve %s: no answer within %g s%s", host, RESOLVE_TIMEOUT, again)
             return False
         except (OSError, UnicodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            log.warning("cannot resolve %s: %s%s", host, reason,
-                        f"; trying again in {self.resolve_retry:g} s" if first else "")
+            log.warning("cannot resolve %s: %s%s", host, reason, again)
             return False
         if not addresses:
-            log.warning("cannot resolve %s: no usable address", host)
+            log.warning("cannot resolve %s: no usable address%s", host, again)
             return False
         current = _host_of(self.peer.endpoint)
         chosen = addresses[0] if first else next_address(addresses, current)
@@ -297,7 +307,10 @@ class Tunnel:
     async def _resolve_first(self) -> None:
         host, port = self.peer_cfg.endpoint
         if is_ip(host):
-            self.peer.endpoint = endpoint_for(self.sock, host.strip("[]"), port)
+            try:
+                self.peer.endpoint = endpoint_for(self.sock, host.strip("[]"), port)
+            except ValueError as exc:
+                raise TunnelError(f"cannot use the hub's endpoint {self.hub_label}: {exc}") from None
         else:
             self.phase = "resolving"
             while not await self._resolve(first=True):

@@ -186,6 +186,8 @@ def test_down_cleans_up_after_a_dead_client(run_dir, capsys, tmp_path):
     tunnel.write_state(str(run_dir / "alice.json"), state)
     assert cli.main(["status", "alice"]) == 1
     assert "is not running" in one_error(capsys)
+    assert cli.main(["status"]) == 0  # all tunnels: a dead one is a line, not a failure
+    assert capsys.readouterr().out.startswith("interface: alice (alice is not running (pid ")
     assert cli.main(["down", str(config_path)]) == 0  # found by its config file
     err = capsys.readouterr().err
     assert "was not stopped cleanly" in err and err.endswith("pytun-client: alice is down\n")
@@ -499,3 +501,16 @@ def test_status_never_shows_a_private_key():
     assert B(PRIV) not in json.dumps(s) and s["state"] == "starting"
     pairs = t.handle_control([("get", "1")])
     assert dict(pairs)["hub_public_key"] == B(HUB)
+
+
+def test_ipv6_networks_are_left_out_when_ipv6_is_off():
+    plan = routes.plan_routes(["0.0.0.0/0", "::/0", "fd77::/64"], ["10.77.0.2/32"], ipv6=False)
+    assert plan.routes == [Route(N("0.0.0.0/0"), 51820)] and plan.full_tunnel == (4,)
+    assert [r.family for r in plan.rules] == [4, 4]
+    assert plan.skipped == ("::/0", "fd77::/64")
+
+
+def test_dns_method_is_known_before_it_is_used():
+    assert dns.choose("alice", which=which_only("resolvectl")) == {"method": "resolvectl",
+                                                                  "name": "alice"}
+    assert dns.choose("alice", which=which_only()) is None

@@ -153,13 +153,22 @@ class Client:
     def cli(self, *args, check: bool = True) -> subprocess.CompletedProcess:
         return self.ns.run([PY, "-m", "pytun.client.main", *args], env=self.env, check=check)
 
-    def up(self, *, handshake: bool = True) -> None:
+    def up(self) -> None:
+        """Start the client; return after its first handshake (it logs one line for it)."""
+        start = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "a") as log:
             self.proc = self.ns.popen([PY, "-m", "pytun.client.main", "up", self.config],
                                       stdout=log, stderr=subprocess.STDOUT, env=self.env)
-        if handshake:
-            wait_until(lambda: self.status().get("latest_handshake"), timeout=15,
-                       what=f"the client's first handshake (log: {self.log})")
+
+        def handshake() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"client exited {self.proc.returncode}:\n"
+                                     f"{self.log.read_text()}")
+            return "handshake with hub" in self.log.read_text()[start:]
+
+        wait_until(handshake, timeout=15, what=f"the client's first handshake ({self.log})")
+        wait_until(lambda: os.path.exists(os.path.join(self.run_dir, self.ifname + ".json"))
+                   and "is up:" in self.log.read_text()[start:], what="routes and DNS")
 
     def status(self) -> dict:
         if self.proc.poll() is not None:
@@ -355,3 +364,16 @@ def test_start_errors_are_one_line(net):
     assert other.returncode == 1 and other.stderr.count("\n") == 1
     assert "already exists" in other.stderr
     client.down()
+
+
+def test_full_tunnel_on_a_laptop_with_ipv6_off(net):
+    for key in ("all", "default"):
+        net.lap.run("sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1")
+    before = routing(net.lap)
+    client = Client(net, net.add_peer("hank", "--full-tunnel"))
+    client.up()
+    assert net.source_seen_by_inet() == HUB_INET
+    assert "IPv6 is off on this host: AllowedIPs ::/0 not routed" in client.log.read_text()
+    assert "51820" not in net.lap.run("ip -6 rule").stdout
+    client.down()
+    assert routing(net.lap) == before
