@@ -1,6 +1,7 @@
 """The config's DNS servers, handed to resolvconf or systemd-resolved and taken back at `down`.
 
-    resolvconf   printf 'nameserver 10.77.0.1\\nsearch corp.example\\n' | resolvconf -a IFACE -m 0 -x
+    resolvconf   printf 'nameserver 10.77.0.1\\nsearch corp.example\\n' |
+                     resolvconf -a IFACE -m 0 -x
                  undone with `resolvconf -d IFACE -f`       (what wg-quick does)
     resolvectl   resolvectl dns IFACE 10.77.0.1; resolvectl domain IFACE corp.example [~.]
                  undone with `resolvectl revert IFACE`

@@ -94,7 +94,8 @@ class Plan:
     @classmethod
     def from_json(cls, d: dict) -> "Plan":
         return cls(
-            routes=[Route(ipaddress.ip_network(r["dst"]), r.get("table")) for r in d.get("routes", [])],
+            routes=[Route(ipaddress.ip_network(r["dst"]), r.get("table"))
+                    for r in d.get("routes", [])],
             rules=[Rule(**r) for r in d.get("rules", [])],
             fwmark=int(d.get("fwmark") or 0),
             full_tunnel=tuple(d.get("full_tunnel", ())),

@@ -91,7 +91,9 @@ def read_state(path: str) -> dict | None:
             state = json.load(f)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise TunnelError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
         raise TunnelError(f"cannot read {path}: {exc}") from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise TunnelError(f"{path} is not a pytun-client state file (version {STATE_VERSION})")
@@ -310,7 +312,8 @@ class Tunnel:
             try:
                 self.peer.endpoint = endpoint_for(self.sock, host.strip("[]"), port)
             except ValueError as exc:
-                raise TunnelError(f"cannot use the hub's endpoint {self.hub_label}: {exc}") from None
+                raise TunnelError(f"cannot use the hub's endpoint {self.hub_label}: "
+                                  f"{exc}") from None
         else:
             self.phase = "resolving"
             while not await self._resolve(first=True):

@@ -95,7 +95,8 @@ def test_the_installed_script_runs():
 
 
 @pytest.mark.parametrize("path, name", [
-    ("alice.conf", "alice"), ("/etc/wireguard/wg0.conf", "wg0"), ("a.b_c=d+e-f.conf", "a.b_c=d+e-f"),
+    ("alice.conf", "alice"), ("/etc/wireguard/wg0.conf", "wg0"),
+    ("a.b_c=d+e-f.conf", "a.b_c=d+e-f"),
     ("./123456789012345.conf", "123456789012345"),
 ])
 def test_interface_from_the_file_name(path, name):
@@ -120,7 +121,8 @@ def test_bad_interface_option_is_one_line(tmp_path, capsys):
     (conf(extra="Colour = blue\n"), ":4: unknown key 'Colour' in [Interface]"),
     (conf(extra="just words\n"), ":4: expected `Key = value`, got 'just words'"),
     (conf().replace(B(HUB), "c2hvcnQ="), ":6: PublicKey must be 44 characters of base64"),
-    (conf().replace(B(PRIV), "<the private key that goes with xyz>"), ":2: PrivateKey is a placeholder"),
+    (conf().replace(B(PRIV), "<the private key that goes with xyz>"),
+     ":2: PrivateKey is a placeholder"),
     (conf(endpoint="no port here"), ":7: endpoint 'no port here' must look like host:port"),
     (conf(peer_extra=f"\n[Peer]\nPublicKey = {B(keys.public_from_private(PRIV))}\n"),
      ":11: a second [Peer]; pytun-client supports exactly one peer (the hub)"),
@@ -211,7 +213,8 @@ def test_state_files(tmp_path):
 
 def test_status_text():
     text = cli.format_status({
-        "interface": "alice", "pid": 7, "state": "up", "public_key": "PUB", "address": "10.77.0.2/32",
+        "interface": "alice", "pid": 7, "state": "up", "public_key": "PUB",
+        "address": "10.77.0.2/32",
         "hub": "vpn.example.com:51820", "endpoint": "192.0.2.1:51820", "latest_handshake": 1000,
         "rx_bytes": 2048, "tx_bytes": 100, "persistent_keepalive": 25, "full_tunnel": 1}, now=1065)
     assert text == (

@@ -377,3 +377,33 @@ def test_full_tunnel_on_a_laptop_with_ipv6_off(net):
     assert "51820" not in net.lap.run("ip -6 rule").stdout
     client.down()
     assert routing(net.lap) == before
+
+
+def test_unresolvable_hub_is_retried_in_the_foreground_until_down(topology, tmp_path):
+    from pytun.common import keys
+    ns = topology.netns("lap")  # no route anywhere: every lookup fails at once
+    ifname = unique("pc")
+    path = tmp_path / f"{ifname}.conf"
+    hub_key = keys.encode_key(keys.public_from_private(keys.generate_private()))
+    path.write_text(f"[Interface]\nPrivateKey = {keys.encode_key(keys.generate_private())}\n"
+                    f"Address = 10.77.0.2/32\n\n[Peer]\nPublicKey = {hub_key}\n"
+                    "Endpoint = hub.invalid:51820\nAllowedIPs = 10.77.0.0/24\n")
+    env = {**os.environ, "PYTUN_RUN_DIR": str(tmp_path / "run")}
+    log = tmp_path / "client.log"
+    with open(log, "w") as out:
+        proc = ns.popen([PY, "-m", "pytun.client.main", "up", str(path)], stdout=out,
+                        stderr=subprocess.STDOUT, env=env)
+    wait_until(lambda: log.read_text().count("cannot resolve hub.invalid:") >= 2, timeout=15,
+               what="two tries to resolve the hub's name")
+    assert proc.poll() is None  # still in the foreground, still trying
+    lines = log.read_text().splitlines()
+    assert lines[0].startswith("pytun-client: warning: cannot resolve hub.invalid: ")
+    assert lines[0].endswith("; trying again in 5 s") and lines[1] == lines[0]
+    status = json.loads(ns.run([PY, "-m", "pytun.client.main", "status", "--json"],
+                               env=env).stdout)
+    assert [(s["interface"], s["state"], s["endpoint"]) for s in status] == [
+        (ifname, "resolving", "")]
+    ns.run([PY, "-m", "pytun.client.main", "down", ifname], env=env)
+    assert proc.wait(10) == 0
+    assert ifname not in ns.run("ip -o link").stdout
+    assert os.listdir(tmp_path / "run") == []
