@@ -106,9 +106,10 @@ class Checks:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    lines = text.splitlines()
-    return lines[0] + (" [...]" if len(lines) > 1 else "")
+    """The first line of the error; for a failed command, also the last line it printed."""
+    lines = (str(exc).strip() or type(exc).__name__).splitlines()
+    said = (getattr(exc, "stderr", "") or "").strip().splitlines()
+    return lines[0] + (f": {said[-1].strip()}" if said else "")
 
 
 def _tail(path, n: int = 15) -> str:
