@@ -78,7 +78,7 @@ def AEAD(key: bytes, counter: int, plaintext: bytes, ad: bytes) -> bytes:
 def AEAD_open(key: bytes, counter: int, ciphertext: bytes, ad: bytes) -> bytes:
     try:
         return _sodium.crypto_aead_chacha20poly1305_ietf_decrypt(ciphertext, ad, nonce(counter), key)
-    except (_nacl_exc.CryptoError, ValueError, TypeError, RuntimeError) as exc:
+    except (_nacl_exc.CryptoError, ValueError, TypeError, RuntimeError, struct.error) as exc:
         raise CryptoFailure("AEAD authentication failed") from exc
 
 
@@ -95,6 +95,10 @@ def XAEAD_open(key: bytes, nonce24: bytes, ciphertext: bytes, ad: bytes) -> byte
 
 def DH(private: bytes, public: bytes) -> bytes:
     """X25519. A low-order public key gives an all-zero result, refused here."""
+    # PyNaCl hands the buffers to libsodium unchecked: a short key would be read past its end.
+    if len(private) != KEY_LEN or len(public) != KEY_LEN:
+        raise CryptoFailure("X25519 keys are 32 bytes")
+    private, public = bytes(private), bytes(public)
     try:
         shared = _sodium.crypto_scalarmult(private, public)
     except (_nacl_exc.CryptoError, ValueError, TypeError, RuntimeError) as exc:
@@ -105,6 +109,8 @@ def DH(private: bytes, public: bytes) -> bytes:
 
 
 def DH_pubkey(private: bytes) -> bytes:
+    if len(private) != KEY_LEN:
+        raise CryptoFailure("X25519 keys are 32 bytes")
     return _sodium.crypto_scalarmult_base(private)
 
 
@@ -135,7 +141,7 @@ class SessionCipher:
     def open(self, counter: int, ciphertext: bytes) -> bytes:
         try:
             return self._aead.decrypt(_NONCE.pack(counter), ciphertext, None)
-        except (InvalidTag, ValueError, TypeError, OverflowError) as exc:
+        except (InvalidTag, ValueError, TypeError, OverflowError, struct.error) as exc:
             raise CryptoFailure("transport authentication failed") from exc
 
     def __repr__(self) -> str:

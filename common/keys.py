@@ -37,8 +37,8 @@ def decode_key(text: str, what: str = "key") -> bytes:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise BadKey(f"{what} is not valid base64") from None
-    if len(raw) != 32:
-        raise BadKey(f"{what} must decode to 32 bytes")
+    if len(raw) != 32 or base64.b64encode(raw).decode("ascii") != text:
+        raise BadKey(f"{what} is not canonical base64 of 32 bytes, as `wg genkey` prints")
     return raw
 
 
@@ -49,7 +49,7 @@ def encode_key(raw: bytes) -> str:
 def check_public(raw: bytes, what: str = "public key") -> bytes:
     if len(raw) != 32:
         raise BadKey(f"{what} must be 32 bytes")
-    if raw in LOW_ORDER_KEYS:
+    if raw[:31] + bytes([raw[31] & 0x7F]) in LOW_ORDER_KEYS:  # X25519 ignores bit 255
         raise BadKey(f"{what} is a low-order point and can never make a session")
     return raw
 

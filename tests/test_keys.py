@@ -56,9 +56,6 @@ def test_malformed_keys_are_refused_without_echoing_them(text):
         assert text.strip()[:8] not in message
 
 
-@pytest.mark.xfail(
-    strict=True, reason="decode_key accepts non-canonical base64 that wg refuses; reported"
-)
 def test_non_canonical_base64_is_refused_like_wg():
     # The character before '=' carries 4 key bits and 2 bits that must be zero. Python's decoder
     # ignores those 2 bits; wg's key_from_base64 refuses the key. Two spellings of one key would
@@ -89,9 +86,6 @@ def test_low_order_public_keys_are_refused(text):
         keys.check_public(base64.b64decode(text))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="check_public misses low-order keys with bit 255 set; reported"
-)
 def test_low_order_public_keys_with_the_top_bit_set_are_refused():
     # X25519 ignores bit 255, so these are the same seven points. crypto.DH still refuses them
     # (see test_crypto), but the configuration-time check should too.
