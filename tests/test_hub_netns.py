@@ -78,8 +78,9 @@ def net(tmp_path_factory, netns_ok):
             ns, _ = hub.connect_laptop()
             laptops[name] = (ns, OurLaptop(ns, tmp, hub.add_peer(name), name))
         ns, _ = hub.connect_laptop()
-        carol = WgGoLaptop(ns, tmp, hub.add_peer("carol", "--keepalive", "1"),
-                           routes=["10.77.0.0/24", f"{INET_HOST}/32"])
+        # Full tunnel: AllowedIPs 0.0.0.0/0 and ::/0; the host route to the hub's endpoint
+        # stays more specific, as wg-quick's policy routing would keep it.
+        carol = WgGoLaptop(ns, tmp, hub.add_peer("carol", "--keepalive", "1", "--full-tunnel"))
         laptops["carol"] = (ns, carol)
         yield hub, laptops, tmp
 
@@ -162,9 +163,13 @@ def test_roaming_mid_transfer_moves_the_endpoint(net):
     old = [a["local"] for a in ns.ip_json("addr show dev", dev)[0]["addr_info"]][0]
     new = old.rsplit(".", 1)[0] + "." + str(int(old.rsplit(".", 1)[1]) + 1)
     hub_side = old.rsplit(".", 1)[0] + "." + str(int(old.rsplit(".", 1)[1]) - 1)
+    # Deleting the primary address must leave the new (secondary) one in place.
+    ns.run("sysctl", "-qw", f"net.ipv4.conf.{dev}.promote_secondaries=1")
+    rx_before = hub.show()["alice"]["rx_bytes"]
     pinger = ns.popen(["ping", "-n", "-q", "-i", "0.05", "-c", "120", HUB_INNER],
                       stdout=__import__("subprocess").PIPE, text=True)
-    time.sleep(1.0)  # part of the pings go before the move
+    wait_until(lambda: hub.show()["alice"]["rx_bytes"] > rx_before + 10 * 84, timeout=5,
+               what="pings to flow before the move")
     ns.run("ip", "addr", "add", f"{new}/28", "dev", dev)
     ns.run("ip", "addr", "del", f"{old}/28", "dev", dev)
     ns.run("ip", "route", "replace", "192.0.2.1/32", "via", hub_side, "src", new)
