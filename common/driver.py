@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import socket
+import struct
 
 import trio
 
@@ -21,6 +22,8 @@ BATCH = 256
 TICK = 0.1
 MAX_PACKET = 65535
 SOCKET_BUFFER = 4 << 20
+IP_PKTINFO = 8
+MAX_STICKY = 1 << 16
 
 
 def open_udp(port: int = 0, *, mark: int = 0) -> socket.socket:
@@ -83,15 +86,36 @@ def format_endpoint(endpoint) -> str:
     return f"{host}:{port}"
 
 
-class Driver:
-    """Runs a Device over a TUN file descriptor and a UDP socket."""
+def _reply_cmsg(level: int, kind: int, data: bytes) -> list:
+    """The control message that makes a reply leave from the address the request came to."""
+    if kind == IP_PKTINFO:
+        # struct in_pktinfo {ifindex; spec_dst; addr}: send from the received header address.
+        return [(level, kind, struct.pack("=I4s4s", 0, data[8:12], bytes(4)))]
+    return [(level, kind, data[:16] + bytes(4))]  # struct in6_pktinfo {addr; ifindex = any}
 
-    def __init__(self, device, tun_fd: int, sock: socket.socket, *, on_event=None):
+
+class Driver:
+    """Runs a Device over a TUN file descriptor and a UDP socket.
+
+    With `sticky`, replies to an endpoint leave from the local address its datagrams came to
+    (IP_PKTINFO), as kernel WireGuard does: a host with several addresses otherwise answers
+    from whichever one the route picks, and a NAT in front of the laptop drops those answers.
+    """
+
+    def __init__(self, device, tun_fd: int, sock: socket.socket, *, on_event=None,
+                 sticky: bool = False):
         self.device = device
         self.tun_fd = tun_fd
         self.sock = sock
         self.on_event = on_event
         self.io_errors = device.drops  # count I/O failures beside protocol drops
+        self.sticky = sticky
+        self._reply_from: dict = {}  # endpoint -> control message naming our source address
+        if sticky:
+            if sock.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -104,6 +128,8 @@ class Driver:
         return trio.current_time()
 
     async def _udp_loop(self) -> None:
+        if self.sticky:
+            return await self._udp_loop_sticky()
         sock, device = self.sock, self.device
         buf = bytearray(MAX_PACKET)
         view = memoryview(buf)
@@ -120,6 +146,37 @@ class Driver:
                 except OSError:
                     self.io_errors["udp_recv_error"] += 1  # e.g. ICMP port unreachable
                     continue
+                receive(view[:n], addr, now)
+            await self.flush()
+
+    async def _udp_loop_sticky(self) -> None:
+        sock, device = self.sock, self.device
+        buf = bytearray(MAX_PACKET)
+        bufs = [buf]
+        view = memoryview(buf)
+        recvmsg_into = sock.recvmsg_into
+        receive = device.receive
+        reply_from = self._reply_from
+        seen: dict = {}  # endpoint -> raw pktinfo last seen, to rebuild the cmsg only on change
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            now = trio.current_time()
+            for _ in range(BATCH):
+                try:
+                    n, anc, _, addr = recvmsg_into(bufs, 64)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    self.io_errors["udp_recv_error"] += 1
+                    continue
+                if anc:
+                    level, kind, data = anc[0]
+                    if seen.get(addr) != data:
+                        if len(seen) >= MAX_STICKY:  # bounded: junk sources cannot grow it
+                            seen.clear()
+                            reply_from.clear()
+                        seen[addr] = data
+                        reply_from[addr] = _reply_cmsg(level, kind, data)
                 receive(view[:n], addr, now)
             await self.flush()
 
@@ -161,14 +218,26 @@ class Driver:
         left = []
         if device.net_out:
             out, device.net_out = device.net_out, []
-            sendto = self.sock.sendto
+            sendto, sendmsg = self.sock.sendto, self.sock.sendmsg
+            reply_from = self._reply_from
             for i, (datagram, endpoint) in enumerate(out):
                 try:
-                    sendto(datagram, endpoint)
+                    cmsg = reply_from.get(endpoint) if reply_from else None
+                    if cmsg is None:
+                        sendto(datagram, endpoint)
+                    else:
+                        sendmsg((datagram,), cmsg, 0, endpoint)
                 except BlockingIOError:
                     left = out[i:]
                     break
                 except OSError:
+                    if cmsg is not None:  # that local address is gone: let the route choose
+                        reply_from.pop(endpoint, None)
+                        try:
+                            sendto(datagram, endpoint)
+                            continue
+                        except OSError:
+                            pass
                     self.io_errors["udp_send_error"] += 1
         if device.events:
             events, device.events = device.events, []

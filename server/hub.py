@@ -169,7 +169,8 @@ class Hub:
             except nat.NatError as exc:
                 raise StartupError(f"firewall set-up failed: {exc}") from None
             self.sync()
-            self.driver = Driver(self.device, tun_fd, self.sock, on_event=self.on_event)
+            self.driver = Driver(self.device, tun_fd, self.sock, on_event=self.on_event,
+                                 sticky=True)
             self._redial(trio.current_time(), time.time())
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.driver.run)
