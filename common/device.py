@@ -111,6 +111,33 @@ class Device(Timers):
             self.drops["no_route"] += 1
             return
         kp = peer.current
+        if (kp is None or peer.staged or now >= kp.fresh_until or peer.endpoint is None
+                or kp.send_counter >= REKEY_AFTER_MESSAGES):
+            self._send_slow(peer, kp, packet, now)
+            return
+        # The common case, inlined: a fresh session, nothing waiting, no rekey due.
+        n = len(packet)
+        padded = (n + 15) & ~15
+        if padded > self.mtu >= n:
+            padded = self.mtu
+        if padded != n:
+            packet = bytes(packet) + _PAD[:padded - n]
+        counter = kp.send_counter
+        kp.send_counter = counter + 1
+        datagram = bytearray(padded + 32)
+        _TRANSPORT_HDR.pack_into(datagram, 0, 4, kp.remote_index, counter)
+        kp.send.seal_into(counter, packet, datagram)
+        self.net_out.append((datagram, peer.endpoint))
+        peer.tx_bytes += padded + 32
+        # Timers: data sent (expect an answer), any authenticated packet sent.
+        if peer.new_handshake_at is None:
+            self.data_sent(peer, now)
+        peer.keepalive_at = None
+        if peer.persistent_keepalive:
+            peer.persistent_at = now + peer.persistent_keepalive
+            self._armed.add(peer)
+
+    def _send_slow(self, peer: Peer, kp: Keypair | None, packet, now: float) -> None:
         if (kp is None or peer.staged or peer.endpoint is None or not kp.can_send(now)):
             if len(peer.staged) == peer.staged.maxlen:
                 self.drops["staged_overflow"] += 1  # the append below pushes out the oldest
@@ -386,7 +413,11 @@ class Device(Timers):
         if src != peer.endpoint:
             self._set_endpoint(peer, src)
         peer.rx_bytes += len(data)
-        self.authenticated_received(peer, now)
+        # Timers, inlined: any authenticated packet received.
+        peer.new_handshake_at = None
+        if peer.persistent_keepalive:
+            peer.persistent_at = now + peer.persistent_keepalive
+            self._armed.add(peer)
         # The age that matters is the current session's, not that of the one received on.
         current = peer.current
         if (current is not None and current.initiator and not peer.sent_last_minute_handshake
@@ -395,7 +426,10 @@ class Device(Timers):
             self.initiate(peer, now, retry=False)
         if not plaintext:
             return  # keepalive
-        self.data_received(peer, now)
+        if peer.keepalive_at is None:  # data received: answer it within KEEPALIVE_TIMEOUT
+            self.data_received(peer, now)
+        else:
+            peer.need_another_keepalive = True
         length = wire.ip_packet_length(plaintext)
         if length < 0:
             self.drops["bad_inner_packet"] += 1

@@ -23,6 +23,11 @@ TICK = 0.1
 MAX_PACKET = 65535
 SOCKET_BUFFER = 4 << 20
 IP_PKTINFO = 8
+SOL_UDP = 17
+UDP_SEGMENT = 103
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
+_NO_GSO_ERRNOS = {errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 MAX_STICKY = 1 << 16
 
 
@@ -103,13 +108,14 @@ class Driver:
     """
 
     def __init__(self, device, tun_fd: int, sock: socket.socket, *, on_event=None,
-                 sticky: bool = False):
+                 sticky: bool = False, gso: bool = True):
         self.device = device
         self.tun_fd = tun_fd
         self.sock = sock
         self.on_event = on_event
         self.io_errors = device.drops  # count I/O failures beside protocol drops
         self.sticky = sticky
+        self.gso = gso
         self._reply_from: dict = {}  # endpoint -> control message naming our source address
         if sticky:
             if sock.family == socket.AF_INET6:
@@ -218,33 +224,62 @@ class Driver:
         left = []
         if device.net_out:
             out, device.net_out = device.net_out, []
-            sendto, sendmsg = self.sock.sendto, self.sock.sendmsg
-            reply_from = self._reply_from
-            for i, (datagram, endpoint) in enumerate(out):
-                try:
-                    cmsg = reply_from.get(endpoint) if reply_from else None
-                    if cmsg is None:
-                        sendto(datagram, endpoint)
-                    else:
-                        sendmsg((datagram,), cmsg, 0, endpoint)
-                except BlockingIOError:
-                    left = out[i:]
-                    break
-                except OSError:
-                    if cmsg is not None:  # that local address is gone: let the route choose
-                        reply_from.pop(endpoint, None)
-                        try:
-                            sendto(datagram, endpoint)
-                            continue
-                        except OSError:
-                            pass
-                    self.io_errors["udp_send_error"] += 1
+            left = self._send_all(out)
         if device.events:
             events, device.events = device.events, []
             if self.on_event is not None:
                 for event in events:
                     self.on_event(*event)
         return left
+
+    def _send_all(self, out: list) -> list:
+        """Send datagrams in order. A run of equal-size datagrams to one endpoint (the last may
+        be shorter) goes out in one sendmsg with UDP GSO: the kernel cuts it into datagrams."""
+        sendto, sendmsg = self.sock.sendto, self.sock.sendmsg
+        reply_from = self._reply_from
+        gso = self.gso
+        n = len(out)
+        i = 0
+        while i < n:
+            datagram, endpoint = out[i]
+            size = len(datagram)
+            j = i + 1
+            if gso:
+                total = size
+                while j < n and j - i < GSO_MAX_SEGMENTS:
+                    d2, e2 = out[j]
+                    l2 = len(d2)
+                    if (e2 is not endpoint and e2 != endpoint) or l2 > size or total + l2 > GSO_MAX_BYTES:
+                        break
+                    total += l2
+                    j += 1
+                    if l2 < size:
+                        break
+            cmsg = reply_from.get(endpoint) if reply_from else None
+            try:
+                if j - i > 1:
+                    segment = [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, "little"))]
+                    sendmsg([d for d, _ in out[i:j]], segment + cmsg if cmsg else segment, 0,
+                            endpoint)
+                elif cmsg is None:
+                    sendto(datagram, endpoint)
+                else:
+                    sendmsg((datagram,), cmsg, 0, endpoint)
+            except BlockingIOError:
+                return out[i:]
+            except OSError as exc:
+                if j - i > 1 and exc.errno in _NO_GSO_ERRNOS:
+                    # This path cannot segment (old kernel, device without checksum offload).
+                    self.gso = gso = False
+                    log.info("UDP segmentation offload unavailable (%s); sending one by one",
+                             exc.strerror)
+                    continue
+                if cmsg is not None:  # that local address is gone: let the route choose
+                    reply_from.pop(endpoint, None)
+                    continue
+                self.io_errors["udp_send_error"] += j - i
+            i = j
+        return []
 
     async def flush(self) -> None:
         left = self.flush_nowait()

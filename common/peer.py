@@ -31,7 +31,7 @@ class Keypair:
     """One session: a cipher each way, the send counter and the receive replay window."""
 
     __slots__ = ("send", "recv", "send_counter", "replay", "local_index", "remote_index",
-                 "created", "initiator", "peer")
+                 "created", "initiator", "peer", "fresh_until")
 
     def __init__(self, peer, send_key: bytes, recv_key: bytes, local_index: int,
                  remote_index: int, created: float, initiator: bool):
@@ -44,6 +44,8 @@ class Keypair:
         self.remote_index = remote_index
         self.created = created
         self.initiator = initiator
+        # Until then, sending needs no rekey or expiry check (see Device.send).
+        self.fresh_until = created + (REKEY_AFTER_TIME if initiator else REJECT_AFTER_TIME)
 
     def can_send(self, now: float) -> bool:
         return self.send_counter < REJECT_AFTER_MESSAGES and now - self.created < REJECT_AFTER_TIME
