@@ -28,6 +28,7 @@ import importlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -224,6 +225,15 @@ def demo(checks: Checks, topo: nn.Topology, tmp: pathlib.Path) -> None:
     checks.run("pytun-admin show lists the three laptops", show)
 
 
+def half_made() -> list[str]:
+    """Namespaces named by this process (tests/netns.py's unique(): letters, PID, '-', counter)
+    that no Netns object tracks: an interrupt can land while `ip netns add` is running."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    mine = re.compile(rf"[a-z]{{1,5}}{os.getpid()}-[0-9a-f]+")
+    tracked = set(nn._live)
+    return [w for w in listed.split() if mine.fullmatch(w) and w not in tracked]
+
+
 def teardown(checks: Checks, topo: nn.Topology, names: list[str], started: list[int],
              tmp: pathlib.Path, wg_dir_existed: bool) -> None:
     errors = []
@@ -236,6 +246,14 @@ def teardown(checks: Checks, topo: nn.Topology, names: list[str], started: list[
             ns.close()
         except Exception as exc:
             errors.append(f"closing {ns.name}: {_one_line(exc)}")
+    for name in half_made():
+        ns = nn.Netns.__new__(nn.Netns)  # adopt it, so close() stops what runs inside and deletes it
+        ns.name, ns.procs = name, []
+        nn._live[name] = ns
+        try:
+            ns.close()
+        except Exception as exc:
+            errors.append(f"closing {name}: {_one_line(exc)}")
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     left = [n for n in names if n in listed.split()]
     if left:
@@ -286,7 +304,7 @@ def main() -> int:
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_IGN)  # teardown must not be cut short
         spaces = [*topo.namespaces, *nn._live.values()]
-        names = list(dict.fromkeys(ns.name for ns in spaces))
+        names = list(dict.fromkeys([*(ns.name for ns in spaces), *half_made()]))
         started = list(dict.fromkeys(p.pid for ns in spaces for p in ns.procs))
         print(f"namespaces: {' '.join(names)}", flush=True)
         print(f"processes: {' '.join(map(str, started))}", flush=True)

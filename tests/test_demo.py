@@ -57,11 +57,13 @@ def listed(label: str, output: str) -> list[str]:
     return m.group(1).split()
 
 
-def assert_nothing_left(output: str) -> None:
+def assert_nothing_left(output: str, demo_pid: int) -> None:
     names = listed("namespaces", output)
     pids = [int(p) for p in listed("processes", output)]
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert not [n for n in names if n in netns.split()], netns
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    assert not [n for n in names if n in netns], netns
+    # Also none it made but did not list: its names carry its PID (tests/netns.py unique()).
+    assert not [n for n in netns if re.fullmatch(rf"[a-z]{{1,5}}{demo_pid}-[0-9a-f]+", n)], netns
     assert not [p for p in pids if process_alive(p)]
     work = re.search(r"work files in (\S+)", output)
     assert work and not os.path.exists(work.group(1))
@@ -85,11 +87,16 @@ def demo_ready(netns_ok):
 def test_demo_passes_every_check_and_leaves_the_machine_as_it_was(demo_ready):
     before = root_namespace()
     t0 = time.monotonic()
-    done = subprocess.run([sys.executable, str(DEMO)], capture_output=True, text=True,
-                          timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, str(DEMO)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        output, errors = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     elapsed = time.monotonic() - t0
-    output = done.stdout
-    assert done.returncode == 0, output + done.stderr
+    assert proc.returncode == 0, output + errors
     checks = re.findall(r"^(PASS|FAIL)  (.*)$", output, re.M)
     assert len(checks) >= 10, output
     assert all(verdict == "PASS" for verdict, _ in checks), output
@@ -99,7 +106,7 @@ def test_demo_passes_every_check_and_leaves_the_machine_as_it_was(demo_ready):
     assert "--- pytun-admin show" in output and re.search(r"^NAME\s+PUBLIC KEY", output, re.M)
     assert "PrivateKey" not in output
     assert elapsed < 60, f"the demo took {elapsed:.0f} s"
-    assert_nothing_left(output)
+    assert_nothing_left(output, proc.pid)
     assert root_namespace() == before
 
 
@@ -125,5 +132,5 @@ def test_demo_interrupted_half_way_still_removes_everything(demo_ready):
     assert re.search(r"^FAIL  .*stopped by SIGINT", output, re.M), output
     assert re.search(r"^PASS  teardown", output, re.M), output
     assert len(listed("namespaces", output)) >= 3
-    assert_nothing_left(output)
+    assert_nothing_left(output, proc.pid)
     assert root_namespace() == before
