@@ -27,6 +27,7 @@ out with a warning.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -128,7 +129,8 @@ def _write(path: str, value: str) -> None:
         with open(path, "w") as f:
             f.write(value + "\n")
     except OSError as exc:
-        raise NatError(f"cannot write {path}: {exc.strerror} (run as root)") from None
+        hint = " (run as root)" if exc.errno in (errno.EACCES, errno.EPERM) else ""
+        raise NatError(f"cannot write {path}: {exc.strerror}{hint}") from None
 
 
 def _enable_forwarding(state_dir: str) -> None:
@@ -154,7 +156,12 @@ def _restore_forwarding(state_dir: str) -> None:
     except OSError as exc:
         raise NatError(f"cannot read {saved}: {exc.strerror}") from None
     if value in ("0", "1"):
-        _write(IP_FORWARD, value)
+        try:
+            current = _read(IP_FORWARD)
+        except OSError:
+            current = None
+        if current != value:  # unchanged: nothing to write (/proc/sys may be read-only)
+            _write(IP_FORWARD, value)
     else:
         log.warning("ignoring %s: unexpected content %r", saved, value)
     os.unlink(saved)

@@ -106,8 +106,13 @@ class Netns:
     def __init__(self, name: str | None = None):
         self.name = name or unique("ns")
         self.procs: list[subprocess.Popen] = []
-        _run(["ip", "netns", "add", self.name])
-        _live[self.name] = self
+        _live[self.name] = self  # before it exists, so an interrupt cannot leak it
+        try:
+            _run(["ip", "netns", "add", self.name])
+        except BaseException:
+            del _live[self.name]
+            _run(["ip", "netns", "del", self.name], check=False)
+            raise
         try:
             self.run("ip", "link", "set", "lo", "up")
         except BaseException:

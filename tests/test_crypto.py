@@ -275,3 +275,11 @@ def test_dh_with_a_31_byte_key_is_a_crypto_failure():
     private, _ = crypto.DH_generate(os.urandom(32))
     with pytest.raises(CryptoFailure):
         crypto.DH(private, bytes(31))
+
+
+@pytest.mark.parametrize("key_len", [0, 1, 32, 63, 64, 65, 200])
+def test_hmac_matches_the_standard_library(key_len):
+    import hmac as std_hmac
+    key, data = bytes(range(key_len % 256))[:key_len] * 1, b"pytun" * key_len
+    key = (key * 2)[:key_len]
+    assert crypto.HMAC(key, data) == std_hmac.digest(key, data, "blake2s")
