@@ -115,27 +115,10 @@ class Device(Timers):
                 or kp.send_counter >= REKEY_AFTER_MESSAGES):
             self._send_slow(peer, kp, packet, now)
             return
-        # The common case, inlined: a fresh session, nothing waiting, no rekey due.
-        n = len(packet)
-        padded = (n + 15) & ~15
-        if padded > self.mtu >= n:
-            padded = self.mtu
-        if padded != n:
-            packet = bytes(packet) + _PAD[:padded - n]
-        counter = kp.send_counter
-        kp.send_counter = counter + 1
-        datagram = bytearray(padded + 32)
-        _TRANSPORT_HDR.pack_into(datagram, 0, 4, kp.remote_index, counter)
-        kp.send.seal_into(counter, packet, datagram)
-        self.net_out.append((datagram, peer.endpoint))
-        peer.tx_bytes += padded + 32
-        # Timers: data sent (expect an answer), any authenticated packet sent.
+        # The common case: a fresh session, nothing waiting, no rekey due.
+        self._seal(peer, kp, packet, now)
         if peer.new_handshake_at is None:
             self.data_sent(peer, now)
-        peer.keepalive_at = None
-        if peer.persistent_keepalive:
-            peer.persistent_at = now + peer.persistent_keepalive
-            self._armed.add(peer)
 
     def _send_slow(self, peer: Peer, kp: Keypair | None, packet, now: float) -> None:
         if (kp is None or peer.staged or peer.endpoint is None or not kp.can_send(now)):
@@ -160,10 +143,16 @@ class Device(Timers):
             packet = bytes(packet) + _PAD[:padded - n]
         counter = kp.send_counter
         kp.send_counter = counter + 1
-        datagram = _TRANSPORT_HDR.pack(4, kp.remote_index, counter) + kp.send.seal(counter, packet)
+        datagram = bytearray(padded + 32)
+        _TRANSPORT_HDR.pack_into(datagram, 0, 4, kp.remote_index, counter)
+        kp.send.seal_into(counter, packet, datagram)
         self.net_out.append((datagram, peer.endpoint))
-        peer.tx_bytes += len(datagram)
-        self.authenticated_sent(peer, now)
+        peer.tx_bytes += padded + 32
+        # Timers, inlined: any authenticated packet sent.
+        peer.keepalive_at = None
+        if peer.persistent_keepalive:
+            peer.persistent_at = now + peer.persistent_keepalive
+            self._armed.add(peer)
 
     def send_staged(self, peer: Peer, now: float) -> None:
         """Send what waits for a session, or start a handshake to get one."""

@@ -255,3 +255,19 @@ class Net:
         return [s for s in self.sent
                 if s.sender == name and (mtype is None or s.type == mtype)
                 and (since is None or s.time >= since)]
+
+
+def two(**link):
+    """Two nodes a (192.0.2.1, inner 10.0.0.1) and b (192.0.2.2, inner 10.0.0.2), linked."""
+    net = Net()
+    a = net.node("a", "192.0.2.1", "10.0.0.1")
+    b = net.node("b", "192.0.2.2", "10.0.0.2")
+    net.link(a, b, **link)
+    return net, a, b
+
+
+def up(net, a, b, payload=b"first"):
+    """a sends one packet to b: handshake at net.now, then the packet, then quiet."""
+    a.device.send(a.packet_to(b, payload), net.now)
+    net.deliver()
+    assert b.received[-1] == a.packet_to(b, payload)

@@ -17,23 +17,9 @@ from pytun.common import peer as peer_module
 from pytun.common.crypto import CryptoFailure, SessionCipher
 from pytun.common.peer import Peer
 from tests.conftest import load_vector
-from tests.enginenet import Net, ipv4, ipv6, static_key
+from tests.enginenet import Net, ipv4, ipv6, static_key, two, up
 
 INIT, RESP, COOKIE, DATA = 1, 2, 3, 4
-
-
-def two(**link):
-    net = Net()
-    a = net.node("a", "192.0.2.1", "10.0.0.1")
-    b = net.node("b", "192.0.2.2", "10.0.0.2")
-    net.link(a, b, **link)
-    return net, a, b
-
-
-def up(net, a, b, payload=b"first"):
-    a.device.send(a.packet_to(b, payload), net.now)
-    net.deliver()
-    assert b.received[-1] == a.packet_to(b, payload)
 
 
 def flow(net):

@@ -271,7 +271,7 @@ def test_device_initiation_is_noiseprotocols_message_1_and_its_response_is_accep
     # The staged packet goes out on the new session, padded to 16, counter 0.
     [(data, _)] = dev.net_out
     assert data[:16] == struct.pack("<IIQ", 4, RESPONDER_INDEX, 0)
-    assert resp.decrypt(data[16:]) == packet + bytes(16 - len(packet) % 16)
+    assert resp.decrypt(bytes(data[16:])) == packet + bytes(16 - len(packet) % 16)
     # And the oracle's data comes through to the tunnel.
     reply = ipv4("10.0.0.2", "10.0.0.1", b"pong!")
     dev.receive(transport(INITIATOR_INDEX, 0, resp.encrypt(reply)), ("192.0.2.2", 51820), 1.2)
@@ -317,4 +317,4 @@ def test_device_answers_noiseprotocols_initiation_byte_for_byte():
     assert dev.tun_out == [hello]
     [(data, _)] = dev.net_out
     assert data[:16] == struct.pack("<IIQ", 4, INITIATOR_INDEX, 0)
-    assert init.decrypt(data[16:])[:len(packet)] == packet
+    assert init.decrypt(bytes(data[16:]))[:len(packet)] == packet

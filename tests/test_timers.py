@@ -10,24 +10,9 @@ from __future__ import annotations
 import pytest
 
 from pytun.common import peer as P
-from tests.enginenet import Net
+from tests.enginenet import Net, two, up  # noqa: F401
 
 INIT, RESP, COOKIE, DATA = 1, 2, 3, 4
-
-
-def two(**link):
-    net = Net()
-    a = net.node("a", "192.0.2.1", "10.0.0.1")
-    b = net.node("b", "192.0.2.2", "10.0.0.2")
-    net.link(a, b, **link)
-    return net, a, b
-
-
-def up(net, a, b, payload=b"first"):
-    """a sends one packet to b: handshake at net.now, then the packet, then quiet."""
-    a.device.send(a.packet_to(b, payload), net.now)
-    net.deliver()
-    assert b.received[-1] == a.packet_to(b, payload)
 
 
 def times(sent, mtype=None):
