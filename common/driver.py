@@ -117,6 +117,11 @@ class Driver:
         self.sticky = sticky
         self.gso = gso
         self._reply_from: dict = {}  # endpoint -> control message naming our source address
+        self._seen_local: dict = {}  # endpoint -> raw pktinfo last seen, to rebuild on change
+        self._buf = bytearray(MAX_PACKET)
+        self._bufs = [self._buf]
+        self._view = memoryview(self._buf)
+        self._drain_udp = self._drain_udp_sticky if sticky else self._drain_udp_plain
         if sticky:
             if sock.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
@@ -133,76 +138,77 @@ class Driver:
     def now(self) -> float:
         return trio.current_time()
 
-    async def _udp_loop(self) -> None:
-        if self.sticky:
-            return await self._udp_loop_sticky()
-        sock, device = self.sock, self.device
-        buf = bytearray(MAX_PACKET)
-        view = memoryview(buf)
-        recv_into = sock.recvfrom_into
-        receive = device.receive
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            now = trio.current_time()
-            for _ in range(BATCH):
-                try:
-                    n, addr = recv_into(buf)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    self.io_errors["udp_recv_error"] += 1  # e.g. ICMP port unreachable
-                    continue
-                receive(view[:n], addr, now)
-            await self.flush()
+    # Each loop drains its own file descriptor, carries out the results, then also drains the
+    # other one without waiting: a packet written to the TUN device often makes the kernel
+    # answer at once (a TCP ACK), and picking that up now saves a wakeup, which costs several
+    # times what the packet itself does.
 
-    async def _udp_loop_sticky(self) -> None:
-        sock, device = self.sock, self.device
-        buf = bytearray(MAX_PACKET)
-        bufs = [buf]
-        view = memoryview(buf)
-        recvmsg_into = sock.recvmsg_into
-        receive = device.receive
-        reply_from = self._reply_from
-        seen: dict = {}  # endpoint -> raw pktinfo last seen, to rebuild the cmsg only on change
+    async def _udp_loop(self) -> None:
+        sock = self.sock
         while True:
             await trio.lowlevel.wait_readable(sock)
             now = trio.current_time()
-            for _ in range(BATCH):
-                try:
-                    n, anc, _, addr = recvmsg_into(bufs, 64)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    self.io_errors["udp_recv_error"] += 1
-                    continue
-                if anc:
-                    level, kind, data = anc[0]
-                    if seen.get(addr) != data:
-                        if len(seen) >= MAX_STICKY:  # bounded: junk sources cannot grow it
-                            seen.clear()
-                            reply_from.clear()
-                        seen[addr] = data
-                        reply_from[addr] = _reply_cmsg(level, kind, data)
-                receive(view[:n], addr, now)
+            self._drain_udp(now)
+            self.flush_nowait_tun()
+            self._drain_tun(now)
             await self.flush()
 
     async def _tun_loop(self) -> None:
-        fd, device = self.tun_fd, self.device
-        read = os.read
-        send = device.send
+        fd = self.tun_fd
         while True:
             await trio.lowlevel.wait_readable(fd)
             now = trio.current_time()
-            for _ in range(BATCH):
-                try:
-                    packet = read(fd, MAX_PACKET)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    self.io_errors["tun_read_error"] += 1
-                    break
-                send(packet, now)
+            self._drain_tun(now)
             await self.flush()
+            self._drain_udp(now)
+            await self.flush()
+
+    def _drain_udp_plain(self, now: float) -> None:
+        recv_into, receive, buf, view = (self.sock.recvfrom_into, self.device.receive,
+                                         self._buf, self._view)
+        for _ in range(BATCH):
+            try:
+                n, addr = recv_into(buf)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.io_errors["udp_recv_error"] += 1  # e.g. ICMP port unreachable
+                continue
+            receive(view[:n], addr, now)
+
+    def _drain_udp_sticky(self, now: float) -> None:
+        recvmsg_into, receive, bufs, view = (self.sock.recvmsg_into, self.device.receive,
+                                             self._bufs, self._view)
+        seen, reply_from = self._seen_local, self._reply_from
+        for _ in range(BATCH):
+            try:
+                n, anc, _, addr = recvmsg_into(bufs, 64)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.io_errors["udp_recv_error"] += 1
+                continue
+            if anc:
+                level, kind, data = anc[0]
+                if seen.get(addr) != data:
+                    if len(seen) >= MAX_STICKY:  # bounded: junk sources cannot grow it
+                        seen.clear()
+                        reply_from.clear()
+                    seen[addr] = data
+                    reply_from[addr] = _reply_cmsg(level, kind, data)
+            receive(view[:n], addr, now)
+
+    def _drain_tun(self, now: float) -> None:
+        read, fd, send = os.read, self.tun_fd, self.device.send
+        for _ in range(BATCH):
+            try:
+                packet = read(fd, MAX_PACKET)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.io_errors["tun_read_error"] += 1
+                return
+            send(packet, now)
 
     async def _timer_loop(self) -> None:
         while True:
@@ -210,8 +216,7 @@ class Driver:
             self.device.tick(trio.current_time())
             await self.flush()
 
-    def flush_nowait(self) -> list:
-        """Carry out what the device asked for without waiting; returns datagrams left unsent."""
+    def flush_nowait_tun(self) -> None:
         device = self.device
         if device.tun_out:
             out, device.tun_out = device.tun_out, []
@@ -221,6 +226,11 @@ class Driver:
                     write(fd, packet)
                 except OSError:
                     self.io_errors["tun_write_error"] += 1
+
+    def flush_nowait(self) -> list:
+        """Carry out what the device asked for without waiting; returns datagrams left unsent."""
+        device = self.device
+        self.flush_nowait_tun()
         left = []
         if device.net_out:
             out, device.net_out = device.net_out, []

@@ -74,6 +74,14 @@ class PendingHandshake:
 class Peer:
     """A remote end. `name` is an opaque label for logs and status (never a key)."""
 
+    __slots__ = ("public_key", "name", "preshared_key", "static_static", "initial_ck",
+                 "initial_h", "cookies", "endpoint", "persistent_keepalive", "current",
+                 "previous", "next", "handshake", "greatest_timestamp",
+                 "last_initiation_consumed", "last_sent_handshake", "staged", "retransmit_at",
+                 "keepalive_at", "new_handshake_at", "zero_at", "persistent_at",
+                 "handshake_attempts", "need_another_keepalive", "sent_last_minute_handshake",
+                 "rx_bytes", "tx_bytes", "last_handshake", "last_handshake_wall", "__weakref__")
+
     def __init__(self, device_private: bytes, public_key: bytes, *, preshared_key: bytes | None,
                  endpoint, persistent_keepalive: int, name: str | None):
         self.public_key = public_key
