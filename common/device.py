@@ -89,7 +89,7 @@ class Device(Timers):
             return
         self.allowed_ips.remove_by_peer(peer)
         self.zero_key_material(peer)
-        peer.staged.clear()
+        peer.staged = ()
         self.disarm(peer)
 
     def set_allowed_ips(self, peer: Peer, networks) -> None:
@@ -122,9 +122,8 @@ class Device(Timers):
 
     def _send_slow(self, peer: Peer, kp: Keypair | None, packet, now: float) -> None:
         if (kp is None or peer.staged or peer.endpoint is None or not kp.can_send(now)):
-            if len(peer.staged) == peer.staged.maxlen:
-                self.drops["staged_overflow"] += 1  # the append below pushes out the oldest
-            peer.staged.append(bytes(packet))
+            if not peer.stage(bytes(packet)):
+                self.drops["staged_overflow"] += 1  # the oldest waiting packet was pushed out
             self.send_staged(peer, now)
             return
         self._seal(peer, kp, packet, now)
@@ -178,7 +177,7 @@ class Device(Timers):
 
     def send_keepalive(self, peer: Peer, now: float) -> None:
         if not peer.staged:
-            peer.staged.append(b"")
+            peer.stage(b"")
         self.send_staged(peer, now)
 
     # -- handshake: initiating ------------------------------------------------------------------

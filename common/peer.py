@@ -100,7 +100,7 @@ class Peer:
         self.greatest_timestamp = b""
         self.last_initiation_consumed: float | None = None
         self.last_sent_handshake: float | None = None
-        self.staged: deque = deque(maxlen=MAX_STAGED)
+        self.staged: deque | tuple = ()  # a deque once a packet waits (most peers never)
         # Timer deadlines (monotonic seconds) or None when not armed.
         self.retransmit_at: float | None = None
         self.keepalive_at: float | None = None
@@ -115,6 +115,14 @@ class Peer:
         self.tx_bytes = 0
         self.last_handshake: float | None = None  # monotonic
         self.last_handshake_wall: float | None = None  # Unix seconds, for status
+
+    def stage(self, packet) -> bool:
+        """Queue a packet until a session exists; False when that pushed out the oldest."""
+        if not self.staged:
+            self.staged = deque(maxlen=MAX_STAGED)
+        full = len(self.staged) == MAX_STAGED
+        self.staged.append(packet)
+        return not full
 
     def keypairs(self):
         return [kp for kp in (self.previous, self.current, self.next) if kp is not None]

@@ -105,7 +105,7 @@ class Timers:
             dropped = sum(1 for packet in peer.staged if packet)  # not the keepalive marker
             if dropped:
                 self.drops["handshake_gave_up"] += dropped
-            peer.staged.clear()
+            peer.staged = ()
             self.events.append(("handshake_gave_up", peer, None))
             if peer.zero_at is None:
                 peer.zero_at = now + ZERO_KEYS_AFTER
