@@ -25,6 +25,7 @@ log = logging.getLogger("pytun")
 
 REGISTRY_POLL = 1.0
 REDIAL_WITHIN = 600.0  # after a restart, re-dial laptops seen in the last ten minutes
+RECORD_EVERY = 300  # seconds between stored handshake times of a laptop that stays put
 
 
 class StartupError(Exception):
@@ -49,6 +50,7 @@ class Hub:
         self.driver: Driver | None = None
         self.sock = None
         self._token = None
+        self._recorded: dict[str, tuple] = {}  # name -> (endpoint, handshake time) stored
 
     # -- registry ------------------------------------------------------------------------------
 
@@ -63,6 +65,7 @@ class Hub:
             if record is None or _peer_spec(record) != spec:
                 self.device.remove_peer(engine_peer.public_key)
                 del self.peers[name]
+                self._recorded.pop(name, None)
                 if record is None:
                     removed.append(name)
                     log.info("peer %s removed", name)
@@ -114,9 +117,17 @@ class Hub:
             log.info("peer %s: no handshake answer for 90 s, giving up until it calls", peer.name)
 
     def _record(self, peer) -> None:
+        """Persist where a laptop is, for the re-dial after a restart. A registry write waits
+        for the disk, so a rekey (every two minutes per laptop) writes only when the endpoint
+        moved or the stored handshake time is older than RECORD_EVERY."""
+        endpoint = format_endpoint(peer.endpoint) or None
+        when = int(peer.last_handshake_wall or 0) or None
+        last = self._recorded.get(peer.name)
+        if last is not None and last[0] == endpoint and (when or 0) - last[1] < RECORD_EVERY:
+            return
         try:
-            self.registry.record_endpoint(peer.name, format_endpoint(peer.endpoint) or None,
-                                          int(peer.last_handshake_wall or 0) or None)
+            self.registry.record_endpoint(peer.name, endpoint, when)
+            self._recorded[peer.name] = (endpoint, when or 0)
         except RegistryError as exc:
             log.warning("could not record the endpoint of %s: %s", peer.name, exc)
 
