@@ -24,7 +24,7 @@ import time
 
 import trio
 
-from ..common import __version__, config, linux
+from ..common import __version__, cli, config, linux
 from ..server import control
 from ..server.admin import human_ago, human_bytes
 from . import routes, tunnel
@@ -337,17 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else 2
     _setup_logging(args.verbose)
-    try:
-        return args.fn(args)
-    except (ClientError, TunnelError, config.ConfigError, linux.LinuxError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-    except OSError as exc:
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"{PROG}: error: {exc.strerror or exc}{where}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    return 1
+    return cli.run(PROG, args.fn, args,
+                   (ClientError, TunnelError, config.ConfigError, linux.LinuxError))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from pytun.common import __version__, config, keys
+from pytun.common import __version__, cli, config, keys
 
 from . import control, state
 from .registry import Peer, RegistryError, SqliteRegistry
@@ -316,18 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors (2)
         return exc.code if isinstance(exc.code, int) else 2
     args.state_dir = state.resolve_state_dir(args.state_dir)
-    try:
-        return args.fn(args)
-    except (AdminError, RegistryError, state.StateError, keys.BadKey,
-            config.ConfigError, control.ControlError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-    except OSError as exc:
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"{PROG}: error: {exc.strerror or exc}{where}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    return 1
+    return cli.run(PROG, args.fn, args, (AdminError, RegistryError, state.StateError, keys.BadKey,
+                                         config.ConfigError, control.ControlError))
 
 
 if __name__ == "__main__":
