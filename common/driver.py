@@ -22,6 +22,7 @@ BATCH = 256
 TICK = 0.1
 MAX_PACKET = 65535
 SOCKET_BUFFER = 4 << 20
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 IP_PKTINFO = 8
 SOL_UDP = 17
 UDP_SEGMENT = 103
@@ -54,11 +55,16 @@ def open_udp(port: int = 0, *, mark: int = 0) -> socket.socket:
             if exc2.errno == errno.EADDRINUSE:
                 raise OSError(exc2.errno, f"UDP port {port} is already in use") from None
             raise
-    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+    # Room for bursts: the FORCE variants (CAP_NET_ADMIN) may exceed net.core.[rw]mem_max,
+    # which is 208 KiB (about 140 full datagrams) on a stock kernel.
+    for force, opt in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
         try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
         except OSError:
-            pass
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            except OSError:
+                pass
     if mark:
         sock.setsockopt(socket.SOL_SOCKET, 36, mark)  # SO_MARK
     sock.setblocking(False)
