@@ -10,8 +10,10 @@ socket addresses; `now` is monotonic seconds. Randomness (`rng(n) -> bytes`) and
 for TAI64N timestamps are injected. Every drop is counted in `drops` by reason.
 
 Untrusted input is checked cheapest first: exact length, mac1, (under load) mac2 and per-source
-rate limit, index lookup, replay quick check, AEAD, replay mark, inner source address, and only
-then an endpoint update (roaming).
+rate limit, index lookup, replay quick check, AEAD, replay mark. Only an authenticated, fresh
+packet moves the peer's endpoint (roaming, as the kernel does: also a keepalive, and before the
+inner source address is checked); a packet whose inner source is not the peer's is then
+dropped and counted.
 """
 
 from __future__ import annotations
