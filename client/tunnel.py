@@ -233,7 +233,7 @@ class Tunnel:
                         ", ".join(self.plan.skipped))
         self.state["link"] = True
         self.save()
-        self.tun_fd, self.ifname = linux.open_tun(self.ifname)
+        self.tun_fd, self.ifname = linux.open_tun(self.ifname, vnet_hdr=True)
         linux.configure_link(self.ifname, addresses, self.mtu)
         try:
             self.sock = open_udp(i.listen_port or 0, mark=self.plan.fwmark)
@@ -247,7 +247,8 @@ class Tunnel:
         if p.endpoint is not None:
             host, port = p.endpoint
             self.hub_label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.driver = Driver(self.device, self.tun_fd, self.sock, on_event=self.on_event)
+        self.driver = Driver(self.device, self.tun_fd, self.sock, on_event=self.on_event,
+                             vnet_hdr=True)
 
     def _route(self) -> None:
         """Routes, rules, marks, then DNS; each recorded before it is carried out."""

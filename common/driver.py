@@ -16,6 +16,8 @@ import struct
 
 import trio
 
+from . import tcpgro
+
 log = logging.getLogger("pytun")
 
 BATCH = 256
@@ -114,7 +116,7 @@ class Driver:
     """
 
     def __init__(self, device, tun_fd: int, sock: socket.socket, *, on_event=None,
-                 sticky: bool = False, gso: bool = True):
+                 sticky: bool = False, gso: bool = True, vnet_hdr: bool = False):
         self.device = device
         self.tun_fd = tun_fd
         self.sock = sock
@@ -122,6 +124,7 @@ class Driver:
         self.io_errors = device.drops  # count I/O failures beside protocol drops
         self.sticky = sticky
         self.gso = gso
+        self.vnet_hdr = vnet_hdr  # the TUN fd was opened with IFF_VNET_HDR (see tcpgro.py)
         self._reply_from: dict = {}  # endpoint -> control message naming our source address
         self._seen_local: dict = {}  # endpoint -> raw pktinfo last seen, to rebuild on change
         self._buf = bytearray(MAX_PACKET)
@@ -206,6 +209,7 @@ class Driver:
 
     def _drain_tun(self, now: float) -> None:
         read, fd, send = os.read, self.tun_fd, self.device.send
+        skip = tcpgro.VNET_HDR_LEN if self.vnet_hdr else 0
         for _ in range(BATCH):
             try:
                 packet = read(fd, MAX_PACKET)
@@ -214,7 +218,7 @@ class Driver:
             except OSError:
                 self.io_errors["tun_read_error"] += 1
                 return
-            send(packet, now)
+            send(memoryview(packet)[skip:] if skip else packet, now)
 
     async def _timer_loop(self) -> None:
         while True:
@@ -224,14 +228,24 @@ class Driver:
 
     def flush_nowait_tun(self) -> None:
         device = self.device
-        if device.tun_out:
-            out, device.tun_out = device.tun_out, []
-            write, fd = os.write, self.tun_fd
-            for packet in out:
+        if not device.tun_out:
+            return
+        out, device.tun_out = device.tun_out, []
+        fd = self.tun_fd
+        if self.vnet_hdr:
+            writev = os.writev
+            for iov in tcpgro.plan(out):
                 try:
-                    write(fd, packet)
+                    writev(fd, iov)
                 except OSError:
-                    self.io_errors["tun_write_error"] += 1
+                    self.io_errors["tun_write_error"] += len(iov) - 2 if len(iov) > 2 else 1
+            return
+        write = os.write
+        for packet in out:
+            try:
+                write(fd, packet)
+            except OSError:
+                self.io_errors["tun_write_error"] += 1
 
     def flush_nowait(self) -> list:
         """Carry out what the device asked for without waiting; returns datagrams left unsent."""

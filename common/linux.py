@@ -25,6 +25,7 @@ IFNAMSIZ = 16
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
 IFA_F_NODAD = 0x02
 FIB_RULE_INVERT = 0x02
 SO_MARK = 36
@@ -50,10 +51,12 @@ def check_ifname(name: str) -> str:
     return name
 
 
-def open_tun(name: str) -> tuple[int, str]:
+def open_tun(name: str, *, vnet_hdr: bool = False) -> tuple[int, str]:
     """Create (or attach to) the TUN device `name`; return its non-blocking fd and actual name.
 
-    The device lives as long as the fd: closing it removes the interface.
+    The device lives as long as the fd: closing it removes the interface. With `vnet_hdr`,
+    every packet read or written starts with a 10-byte virtio_net_hdr, which lets a write
+    carry a run of TCP segments as one (see tcpgro.py); reads stay plain packets.
     """
     check_ifname(name)
     try:
@@ -67,7 +70,8 @@ def open_tun(name: str) -> tuple[int, str]:
             ) from None
         raise LinuxError(f"cannot open /dev/net/tun: {exc.strerror}") from None
     try:
-        ifr = fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(name.encode(), IFF_TUN | IFF_NO_PI))
+        ifr = fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(
+            name.encode(), IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)))
     except OSError as exc:
         os.close(fd)
         why = {

@@ -161,7 +161,7 @@ class Hub:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         s = self.settings
         try:
-            tun_fd, ifname = linux.open_tun(s.interface)
+            tun_fd, ifname = linux.open_tun(s.interface, vnet_hdr=True)
         except linux.LinuxError as exc:
             raise StartupError(str(exc)) from None
         firewall = None
@@ -181,7 +181,7 @@ class Hub:
                 raise StartupError(f"firewall set-up failed: {exc}") from None
             self.sync()
             self.driver = Driver(self.device, tun_fd, self.sock, on_event=self.on_event,
-                                 sticky=True)
+                                 sticky=True, vnet_hdr=True)
             self._redial(trio.current_time(), time.time())
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.driver.run)
