@@ -21,6 +21,7 @@ VIRTIO_NET_HDR_GSO_TCPV4 = 1
 PLAIN = bytes(VNET_HDR_LEN)  # no GSO, checksum complete
 MAX_LENGTH = 65535
 MAX_SEGMENTS = 64
+SMALL = 128  # a packet this short is written alone without a look at its headers
 
 _VNET = struct.Struct("<BBHHHH")
 _TCP_ACK, _TCP_PSH = 0x10, 0x08
@@ -76,6 +77,10 @@ def plan(packets: list) -> list:
     i, n = 0, len(packets)
     while i < n:
         p = packets[i]
+        if len(p) <= SMALL:  # ACKs and the like: nothing worth merging
+            out.append([PLAIN, p])
+            i += 1
+            continue
         size = _mergeable(p)
         j = i + 1
         if size > 0:

@@ -33,12 +33,12 @@ def written(iov) -> bytes:
 
 def test_a_run_of_one_flow_becomes_one_gso_write():
     pkts = [segment(1000 + 100 * i, bytes([i]) * 100) for i in range(3)]
-    pkts.append(segment(1300, b"z" * 40, flags=0x18))  # shorter, with PSH: ends the run
+    pkts.append(segment(1300, b"z" * 90, flags=0x18))  # shorter, with PSH: ends the run
     [iov] = tcpgro.plan(pkts)
     flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = struct.unpack("<BBHHHH", iov[0])
     assert (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) == (1, 1, 52, 100, 20, 16)
     merged = written(iov)
-    assert len(merged) == 52 + 340
+    assert len(merged) == 52 + 390
     assert merged[52:] == b"".join(p[52:] for p in pkts)
     assert struct.unpack("!H", merged[2:4])[0] == len(merged)
     assert ones_sum(merged[:20]) == 0xFFFF  # a valid IPv4 header checksum
@@ -73,7 +73,9 @@ def test_what_must_not_merge_is_written_alone_in_order():
 
 
 def test_not_tcp_or_malformed_passes_through_untouched():
-    odd = [b"", b"\x45", bytes(60), segment(1, b"x" * 10, proto=17), b"\x60" + bytes(59)]
+    odd = [b"", b"\x45", bytes(60), segment(1, b"x" * 10, proto=17), b"\x60" + bytes(59),
+           bytes(300), segment(1, b"x" * 200, proto=17), b"\x60" + bytes(299),
+           segment(1, b"x" * 200)[:-5]]  # claims more bytes than it has
     assert tcpgro.plan(odd) == [[tcpgro.PLAIN, p] for p in odd]
 
 
