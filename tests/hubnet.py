@@ -96,6 +96,19 @@ class Hub:
         return lap, lap_side
 
 
+# Prints the source address of the one datagram it receives, and echoes it: who NAT made us.
+UDP_SOURCE_SERVER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print("listening", flush=True)
+s.settimeout(30)
+data, addr = s.recvfrom(100)
+print(addr[0], flush=True)
+s.sendto(data, addr)
+"""
+
+
 _REQUEST = """
 import json, sys
 from pytun.server import control

@@ -25,6 +25,7 @@ import pytest
 
 from pytun.common import config as wgconfig
 from tests.conftest import require_tools
+from tests.hubnet import UDP_SOURCE_SERVER
 from tests.netns import ping, topology, unique, wait_until
 
 __all__ = ["topology"]  # the fixture
@@ -37,17 +38,6 @@ INET = "203.0.113.2"
 HUB_INET = "203.0.113.1"
 OFFICE = "203.0.113.130"
 LAPTOP = "198.51.100.2"
-
-UDP_SOURCE_SERVER = r"""
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], int(sys.argv[2])))
-print("listening", flush=True)
-s.settimeout(20)
-data, addr = s.recvfrom(100)
-print(addr[0], flush=True)
-s.sendto(data, addr)
-"""
 
 UDP_PROBE = r"""
 import socket, sys

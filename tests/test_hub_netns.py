@@ -11,7 +11,7 @@ import time
 import pytest
 
 from .conftest import require_tools
-from .hubnet import HUB_INNER, INET_HOST, Hub, OurLaptop, WgGoLaptop
+from .hubnet import HUB_INNER, INET_HOST, UDP_SOURCE_SERVER, Hub, OurLaptop, WgGoLaptop
 from .netns import ping, topology, wait_until  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.netns
@@ -39,17 +39,6 @@ while chunk := conn.recv(1 << 16):
     h.update(chunk)
 print(h.hexdigest(), flush=True)
 conn.close()
-"""
-
-UDP_SOURCE_SERVER = r"""
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], int(sys.argv[2])))
-print("listening", flush=True)
-s.settimeout(30)
-data, addr = s.recvfrom(100)
-print(addr[0], flush=True)
-s.sendto(data, addr)
 """
 
 
