@@ -65,13 +65,7 @@ def check_interface(name: str) -> str:
 
 def load_config(path: str) -> config.WgConfig:
     """Parse the file and insist on exactly one [Peer], the hub."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError:
-        raise ClientError(f"{path}: not a text file") from None
-    except OSError as exc:
-        raise ClientError(f"cannot read {path}: {exc.strerror}") from None
+    text = config.read_text(path)
     cfg = config.parse(text, path)
     peer_lines = [n for n, line in enumerate(text.splitlines(), 1)
                   if line.split("#", 1)[0].strip().lower() == "[peer]"]

@@ -266,15 +266,19 @@ def parse(text: str, path: str = "<config>", *, require_private_key: bool = True
     return result
 
 
-def load(path: str, *, require_private_key: bool = True) -> WgConfig:
+def read_text(path: str) -> str:
+    """The file's text; ConfigError (with the path) when it cannot be read or is not text."""
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except UnicodeDecodeError:
         raise ConfigError(f"{path}:1: not a text file") from None
     except OSError as exc:
         raise ConfigError(f"{path}:0: cannot read: {exc.strerror}") from None
-    return parse(text, path, require_private_key=require_private_key)
+
+
+def load(path: str, *, require_private_key: bool = True) -> WgConfig:
+    return parse(read_text(path), path, require_private_key=require_private_key)
 
 
 # ---------------------------------------------------------------------------------- render

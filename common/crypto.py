@@ -124,12 +124,6 @@ def DH_pubkey(private: bytes) -> bytes:
     return _sodium.crypto_scalarmult_base(private)
 
 
-def DH_generate(random32: bytes) -> tuple[bytes, bytes]:
-    """A key pair from 32 random bytes (clamped by X25519 itself)."""
-    private = clamp(random32)
-    return private, DH_pubkey(private)
-
-
 def clamp(key: bytes) -> bytes:
     b = bytearray(key)
     b[0] &= 248

@@ -37,26 +37,11 @@ MAX_STICKY = 1 << 16
 def open_udp(port: int = 0, *, mark: int = 0) -> socket.socket:
     """One non-blocking UDP socket for IPv4 and IPv6 (dual stack, IPv4-only if v6 is off)."""
     try:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        try:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind(("::", port))
-        except OSError as exc:
-            sock.close()
-            if exc.errno == errno.EADDRINUSE:
-                raise
-            raise OSError(exc.errno, exc.strerror) from None
+        sock = _bound(socket.AF_INET6, ("::", port))
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise OSError(exc.errno, f"UDP port {port} is already in use") from None
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError as exc2:
-            sock.close()
-            if exc2.errno == errno.EADDRINUSE:
-                raise OSError(exc2.errno, f"UDP port {port} is already in use") from None
-            raise
+        sock = _bound(socket.AF_INET, ("0.0.0.0", port))  # no IPv6 on this host
     # Room for bursts: the FORCE variants (CAP_NET_ADMIN) may exceed net.core.[rw]mem_max,
     # which is 208 KiB (about 140 full datagrams) on a stock kernel.
     for force, opt in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
@@ -70,6 +55,20 @@ def open_udp(port: int = 0, *, mark: int = 0) -> socket.socket:
     if mark:
         sock.setsockopt(socket.SOL_SOCKET, 36, mark)  # SO_MARK
     sock.setblocking(False)
+    return sock
+
+
+def _bound(family: int, address: tuple) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(exc.errno, f"UDP port {address[1]} is already in use") from None
+        raise
     return sock
 
 
@@ -143,9 +142,6 @@ class Driver:
             nursery.start_soon(self._tun_loop)
             nursery.start_soon(self._timer_loop)
             task_status.started()
-
-    def now(self) -> float:
-        return trio.current_time()
 
     # Each loop drains its own file descriptor, carries out the results, then also drains the
     # other one without waiting: a packet written to the TUN device often makes the kernel
@@ -247,20 +243,22 @@ class Driver:
             except OSError:
                 self.io_errors["tun_write_error"] += 1
 
-    def flush_nowait(self) -> list:
-        """Carry out what the device asked for without waiting; returns datagrams left unsent."""
+    def flush_nowait(self) -> bool:
+        """Carry out what the device asked for without waiting. Datagrams the socket cannot
+        take now stay queued, in order; returns True when some are left."""
         device = self.device
         self.flush_nowait_tun()
-        left = []
         if device.net_out:
             out, device.net_out = device.net_out, []
             left = self._send_all(out)
+            if left:
+                device.net_out[:0] = left
         if device.events:
             events, device.events = device.events, []
             if self.on_event is not None:
                 for event in events:
                     self.on_event(*event)
-        return left
+        return bool(device.net_out)
 
     def _send_all(self, out: list) -> list:
         """Send datagrams in order. A run of equal-size datagrams to one endpoint (the last may
@@ -312,9 +310,6 @@ class Driver:
         return []
 
     async def flush(self) -> None:
-        left = self.flush_nowait()
-        while left:
+        while self.flush_nowait():
             # The socket buffer is full: wait until it drains rather than dropping.
             await trio.lowlevel.wait_writable(self.sock)
-            self.device.net_out[:0] = left
-            left = self.flush_nowait()

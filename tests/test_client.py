@@ -142,7 +142,8 @@ def test_bad_config_is_one_line_with_its_place(tmp_path, capsys, text, expected)
 
 def test_missing_config_file(tmp_path, capsys):
     assert cli.main(["up", str(tmp_path / "nope.conf")]) == 1
-    assert one_error(capsys) == f"cannot read {tmp_path / 'nope.conf'}: No such file or directory"
+    assert one_error(capsys) == (f"{tmp_path / 'nope.conf'}:0: cannot read: "
+                                 "No such file or directory")
 
 
 def test_no_tun_device_or_no_privilege(tmp_path, capsys, monkeypatch):
