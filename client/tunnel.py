@@ -274,7 +274,7 @@ class Tunnel:
     async def _resolve(self, *, first: bool) -> bool:
         """Look the hub's name up once; set the endpoint. True when an address was found."""
         host, port = self.peer_cfg.endpoint
-        self.last_resolve = trio.current_time()
+        self.last_resolve = self.driver.now()
         again = f"; trying again in {self.resolve_retry:g} s" if first else ""
         try:
             with trio.fail_after(RESOLVE_TIMEOUT):
@@ -301,20 +301,22 @@ class Tunnel:
             if not first:
                 log.info("hub %s: trying %s (was %s)", self.hub_label, chosen,
                          format_endpoint(self.peer.endpoint) or "none")
-            self.peer.endpoint = endpoint
-            if not first:
-                self.device.initiate(self.peer, trio.current_time())
-                self.driver.flush_nowait()
+            with self.driver.locked() as device:
+                self.peer.endpoint = endpoint
+                if not first:
+                    device.initiate(self.peer, self.driver.now())
         return True
 
     async def _resolve_first(self) -> None:
         host, port = self.peer_cfg.endpoint
         if is_ip(host):
             try:
-                self.peer.endpoint = endpoint_for(self.sock, host.strip("[]"), port)
+                endpoint = endpoint_for(self.sock, host.strip("[]"), port)
             except ValueError as exc:
                 raise TunnelError(f"cannot use the hub's endpoint {self.hub_label}: "
                                   f"{exc}") from None
+            with self.driver.locked():
+                self.peer.endpoint = endpoint
         else:
             self.phase = "resolving"
             while not await self._resolve(first=True):
@@ -385,7 +387,7 @@ class Tunnel:
     async def _watch(self) -> None:
         while True:
             await trio.sleep(WATCH_INTERVAL)
-            if self.check(trio.current_time()):
+            if self.check(self.driver.now()):
                 self._nursery.start_soon(self._re_resolve)
 
     # -- control socket ------------------------------------------------------------------------
@@ -430,8 +432,8 @@ class Tunnel:
                     if self.peer_cfg.endpoint is not None:
                         await self._resolve_first()
                         self.phase = "handshaking"
-                        self.device.initiate(self.peer, trio.current_time())
-                        self.driver.flush_nowait()
+                        with self.driver.locked() as device:
+                            device.initiate(self.peer, self.driver.now())
                     else:
                         self.phase = "waiting for the hub"
                         log.info("no Endpoint in the config: waiting for the hub to call")

@@ -1,18 +1,25 @@
-"""The trio loops shared by hub and client: UDP socket, TUN device, timer tick.
+"""The data plane shared by hub and client: UDP socket, TUN device, timer tick.
 
-Each loop waits for readiness once, then drains its file descriptor with non-blocking calls
-until it is empty (or a batch is full, to stay fair to the other tasks), hands every packet to
-the sans-IO Device, and carries out what the Device asked for. There is no `await` per packet.
+A thread of its own waits for readiness once, then drains each ready file descriptor with
+non-blocking calls until it is empty (or a batch is full), hands every packet to the sans-IO
+Device, and carries out what the Device asked for. The rest of the program (control socket,
+registry, name lookups) stays in trio and reaches the device through `Driver.locked()`.
+A thread rather than a trio task, because a trio wake-up costs more CPU than the packet it
+serves at moderate rates, and adds latency to every round trip.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
 import os
+import select
 import socket
 import struct
+import threading
+import time
 
 import trio
 
@@ -120,6 +127,11 @@ class Driver:
         self.tun_fd = tun_fd
         self.sock = sock
         self.on_event = on_event
+        self.tick = TICK  # seconds between the device's timer checks
+        self.lock = threading.Lock()  # held by the data thread while it works on the device
+        self._wake = -1  # eventfd that wakes the data thread, while it runs
+        self._stopping = False
+        self._token = None
         self.io_errors = device.drops  # count I/O failures beside protocol drops
         self.sticky = sticky
         self.gso = gso
@@ -136,37 +148,116 @@ class Driver:
             else:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
 
+    # -- the data-plane thread -------------------------------------------------------------------
+
+    def now(self) -> float:
+        """The clock the device runs on (monotonic seconds), for callers outside the thread."""
+        return time.monotonic()
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the device for a change or a consistent read, then let the data plane carry out
+        whatever the change asked for (an initiation, say) at once."""
+        with self.lock:
+            yield self.device
+        self.kick()
+
+    def kick(self) -> None:
+        if self._wake < 0:
+            return  # not running: the change is carried out when the thread starts
+        try:
+            os.eventfd_write(self._wake, 1)
+        except (BlockingIOError, OSError):
+            pass  # the counter is full or closed: the thread wakes anyway or is gone
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._udp_loop)
-            nursery.start_soon(self._tun_loop)
-            nursery.start_soon(self._timer_loop)
-            task_status.started()
+        """Run the data plane in its own thread until cancelled; a failure there is raised here."""
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        failure: list[BaseException] = []
+        thread = threading.Thread(target=self._thread_main, args=(token, done, failure),
+                                  name="pytun-data", daemon=True)
+        self._token = token
+        self._stopping = False
+        self._wake = os.eventfd(1, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # 1: flush what is queued
+        thread.start()
+        task_status.started()
+        try:
+            await done.wait()
+            if failure:
+                raise failure[0]
+        finally:
+            self._stopping = True
+            self.kick()
+            with trio.CancelScope(shield=True):
+                await done.wait()
+            os.close(self._wake)
+            self._wake = -1
 
-    # Each loop drains its own file descriptor, carries out the results, then also drains the
-    # other one without waiting: a packet written to the TUN device often makes the kernel
-    # answer at once (a TCP ACK), and picking that up now saves a wakeup, which costs several
-    # times what the packet itself does.
+    def _thread_main(self, token, done, failure: list) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # reported to the trio side, which re-raises it
+            failure.append(exc)
+        finally:
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                pass
 
-    async def _udp_loop(self) -> None:
-        sock = self.sock
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            now = trio.current_time()
-            self._drain_udp(now)
-            self.flush_nowait_tun()
-            self._drain_tun(now)
-            await self.flush()
+    # One thread waits on a level-triggered epoll for the UDP socket, the TUN device and a wake-up
+    # eventfd, with the next timer tick as its timeout. Each wake-up drains the ready descriptor
+    # with non-blocking calls, carries out the results, then drains the other one without waiting:
+    # a packet written to the TUN device often makes the kernel answer at once (a TCP ACK), and
+    # picking that up now saves a wakeup, which costs several times what the packet itself does.
+    # The trio side (control socket, registry) changes the device only under `self.lock`.
 
-    async def _tun_loop(self) -> None:
-        fd = self.tun_fd
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            now = trio.current_time()
-            self._drain_tun(now)
-            await self.flush()
-            self._drain_udp(now)
-            await self.flush()
+    def _loop(self) -> None:
+        sock_fd, tun_fd, wake = self.sock.fileno(), self.tun_fd, self._wake
+        lock, device, monotonic = self.lock, self.device, time.monotonic
+        drain_udp, drain_tun = self._drain_udp, self._drain_tun
+        flush_tun, flush_nowait = self.flush_nowait_tun, self.flush_nowait
+        ep = select.epoll()
+        try:
+            ep.register(sock_fd, select.EPOLLIN)
+            ep.register(tun_fd, select.EPOLLIN)
+            ep.register(wake, select.EPOLLIN)
+            poll = ep.poll
+            blocked = False  # datagrams wait for room in the socket: TUN reads pause
+            tick = self.tick
+            next_tick = monotonic() + tick
+            while not self._stopping:
+                timeout = next_tick - monotonic()
+                events = poll(timeout if timeout > 0 else 0)
+                now = monotonic()
+                with lock:
+                    for fd, _ in events:
+                        if fd == sock_fd:
+                            drain_udp(now)
+                            flush_tun()
+                            if not blocked:
+                                drain_tun(now)
+                        elif fd == tun_fd:
+                            drain_tun(now)
+                            if flush_nowait():
+                                break
+                            drain_udp(now)
+                        else:
+                            try:
+                                os.eventfd_read(wake)
+                            except BlockingIOError:
+                                pass
+                    if now >= next_tick:
+                        device.tick(now)
+                        next_tick = now + tick
+                    left = flush_nowait()
+                if left != blocked:
+                    blocked = left
+                    ep.modify(sock_fd, select.EPOLLIN | select.EPOLLOUT if left
+                              else select.EPOLLIN)
+                    ep.modify(tun_fd, 0 if left else select.EPOLLIN)
+        finally:
+            ep.close()
 
     def _drain_udp_plain(self, now: float) -> None:
         recv_into, receive, buf, view = (self.sock.recvfrom_into, self.device.receive,
@@ -216,12 +307,6 @@ class Driver:
                 return
             send(memoryview(packet)[skip:] if skip else packet, now)
 
-    async def _timer_loop(self) -> None:
-        while True:
-            await trio.sleep(TICK)
-            self.device.tick(trio.current_time())
-            await self.flush()
-
     def flush_nowait_tun(self) -> None:
         device = self.device
         if not device.tun_out:
@@ -256,9 +341,16 @@ class Driver:
         if device.events:
             events, device.events = device.events, []
             if self.on_event is not None:
-                for event in events:
-                    self.on_event(*event)
+                try:
+                    self._token.run_sync_soon(self._deliver, events)
+                except trio.RunFinishedError:
+                    pass
         return bool(device.net_out)
+
+    def _deliver(self, events: list) -> None:
+        """In the trio thread: hand the device's events (handshakes, moves) to the owner."""
+        for event in events:
+            self.on_event(*event)
 
     def _send_all(self, out: list) -> list:
         """Send datagrams in order. A run of equal-size datagrams to one endpoint (the last may
@@ -308,8 +400,3 @@ class Driver:
                 self.io_errors["udp_send_error"] += j - i
             i = j
         return []
-
-    async def flush(self) -> None:
-        while self.flush_nowait():
-            # The socket buffer is full: wait until it drains rather than dropping.
-            await trio.lowlevel.wait_writable(self.sock)

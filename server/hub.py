@@ -7,6 +7,7 @@ without touching unchanged peers' sessions; it runs at start, on the control soc
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -54,10 +55,20 @@ class Hub:
 
     # -- registry ------------------------------------------------------------------------------
 
+    def _device(self):
+        """The device, held against the data plane while the block runs (once it runs)."""
+        if self.driver is None:
+            return contextlib.nullcontext(self.device)
+        return self.driver.locked()
+
     def sync(self) -> tuple[list[str], list[str]]:
         """Apply the registry to the device. Returns (added, removed) peer names."""
         self._token = self.registry.change_token()
         wanted = {r.name: r for r in self.registry.list() if not r.disabled}
+        with self._device():
+            return self._apply(wanted)
+
+    def _apply(self, wanted: dict) -> tuple[list[str], list[str]]:
         added, removed = [], []
         for name in list(self.peers):
             spec, engine_peer = self.peers[name]
@@ -132,6 +143,10 @@ class Hub:
             log.warning("could not record the endpoint of %s: %s", peer.name, exc)
 
     def status(self) -> list[dict]:
+        with self._device():
+            return self._status()
+
+    def _status(self) -> list[dict]:
         rows = []
         for name, (spec, p) in sorted(self.peers.items()):
             rows.append({"name": name, "public_key": spec[0], "address": spec[1],
@@ -145,14 +160,14 @@ class Hub:
         if keys_ == ["get"]:
             return control.get_response_pairs(self.status())
         if keys_ == ["stats"]:
-            return [(f"drop_{reason}", str(n)) for reason, n in sorted(self.device.drops.items())]
+            with self._device() as device:
+                drops = sorted(device.drops.items())
+            return [(f"drop_{reason}", str(n)) for reason, n in drops]
         if keys_ == ["sync"]:
             try:
                 self.sync()
             except RegistryError as exc:
                 raise control.ControlError(str(exc)) from None
-            if self.driver is not None:
-                self.driver.flush_nowait()
             return []
         raise control.ControlError(f"unknown request {' '.join(keys_)!r}")
 
@@ -180,11 +195,12 @@ class Hub:
             except nat.NatError as exc:
                 raise StartupError(f"firewall set-up failed: {exc}") from None
             self.sync()
-            self.driver = Driver(self.device, tun_fd, self.sock, on_event=self.on_event,
-                                 sticky=True, vnet_hdr=True)
-            self._redial(trio.current_time(), time.time())
+            driver = Driver(self.device, tun_fd, self.sock, on_event=self.on_event,
+                            sticky=True, vnet_hdr=True)
+            self._redial(driver.now(), time.time())
             async with trio.open_nursery() as nursery:
-                await nursery.start(self.driver.run)
+                await nursery.start(driver.run)
+                self.driver = driver
                 await nursery.start(control.serve, state.socket_path(self.state_dir),
                                     self.handle_control)
                 nursery.start_soon(self._poll_registry)
@@ -212,7 +228,6 @@ class Hub:
             try:
                 if self.registry.change_token() != self._token:
                     self.sync()
-                    self.driver.flush_nowait()
             except RegistryError as exc:
                 log.warning("registry check failed: %s", exc)
 
