@@ -1,6 +1,6 @@
 """pytun next to wireguard-go on one rig, in network namespaces: throughput, CPU, latency, memory.
 
-    sudo python3 bench/run.py [--quick] [--only a,b,c] [--seconds N] [--json]
+    sudo python3 bench/run.py [--quick] [--only a,b,c,memory] [--seconds N] [--json]
 
 Three legs run one after the other on the same rig (bench/rig.py: a hub and a laptop namespace
 joined by one veth, tunnel 10.77.0.0/24):
@@ -17,7 +17,9 @@ time from adding a new wireguard-go laptop on the hub (`pytun-admin add-peer`, o
 wireguard-go) to its first echo reply. With a pytun leg selected it also measures the engine
 in-process (handshakes per second on one core, a hub Device's RSS with 10,000 peers of which
 1,000 have sessions; see bench/engine.py and bench/memory.py) and a real pytun-server's RSS
-with 10,000 registry rows.
+with no peers, with 10,000 registry rows, and after 1,000 of those laptops (sans-IO Devices in
+a second namespace) have handshaken over UDP and had an echo answered through the tunnel
+(bench/memory.py's server_rss). `--only memory` runs that server measurement alone.
 
 Root only; it touches nothing outside its namespaces and temporary directory, removes both
 also on failure, and bounds every load in time. It prints figures and never judges them; a
@@ -36,7 +38,6 @@ import platform
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,8 +47,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from bench import engine, memory  # noqa: E402
-from bench.rig import BenchError, Leg, PytunHub, rss_kib  # noqa: E402
-from tests.netns import Topology  # noqa: E402
+from bench.rig import Leg, rss_kib  # noqa: E402
 
 LEGS = {"a": ("wg-go", "wg-go", "wg-go/wg-go"),
         "b": ("pytun", "wg-go", "pytun/wg-go"),
@@ -78,7 +78,10 @@ ENGINE_ROWS = (
     ("device_sessions_mib", "hub Device RSS MiB, +1k sessions"),
     ("server_empty_mib", "pytun-server RSS MiB, no peers"),
     ("server_rows_mib", "pytun-server RSS MiB, 10k rows"),
+    ("server_sessions_mib", "pytun-server RSS MiB, +1k sessions"),
+    ("server_get_mib", "pytun-server RSS MiB, after `get`"),
     ("server_rows_start_s", "pytun-server start s, 10k rows"),
+    ("server_sessions_s", "pytun-server 1k sessions made s"),
 )
 PEERS, SESSIONS = 10_000, 1_000
 
@@ -181,23 +184,17 @@ def measure_engine(args, tmp: pathlib.Path, results: Results) -> None:
     results.take(out, f"engine: hub Device with {PEERS} peers, {SESSIONS} sessions", device)
 
 
-def measure_server(tmp: pathlib.Path, results: Results) -> None:
-    """A real pytun-server, first with no peers, then with 10,000 registry rows."""
+def measure_server(results: Results) -> None:
+    """A real pytun-server: no peers, 10,000 registry rows, then 1,000 live sessions."""
     def run():
-        with Topology() as topo:
-            ns = topo.netns("bmem")
-            hub = PytunHub(ns, tmp, subnet=memory.MEMORY_SUBNET, start=False)
-            hub.start()
-            empty = rss_kib(hub.pid)
-            hub.stop()
-            memory.fill_registry(hub.registry_path, PEERS)
-            start_s = hub.start(timeout=120)
-            rows = rss_kib(hub.pid)
-            hub.stop()
-        return {"server_empty_mib": empty / 1024, "server_rows_mib": rows / 1024,
-                "server_rows_start_s": start_s}
+        r = memory.server_rss(PEERS, SESSIONS)
+        return {"server_empty_mib": r["empty_kib"] / 1024, "server_rows_mib": r["rows_kib"] / 1024,
+                "server_sessions_mib": r["sessions_kib"] / 1024,
+                "server_get_mib": r["after_get_kib"] / 1024,
+                "server_rows_start_s": r["start_s"], "server_sessions_s": r["laptops_s"]}
 
-    results.take(results.engine, f"pytun-server with {PEERS} registry rows", run)
+    results.take(results.engine, f"pytun-server with {PEERS} registry rows, {SESSIONS} sessions",
+                 run)
 
 
 # -------------------------------------------------------------------------------- report
@@ -247,7 +244,8 @@ def render(results: Results, args) -> str:
             lines.append(line)
     if results.engine or any(LEGS[k][0] == "pytun" for k in keys):
         lines += ["", f"{'pytun engine and hub':<{width}}{'value':>14}"]
-        for row, label in ENGINE_ROWS:
+        shown = ENGINE_ROWS if keys else [r for r in ENGINE_ROWS if r[0].startswith("server_")]
+        for row, label in shown:
             lines.append(f"{label:<{width}}{_fmt(results.engine.get(row)):>14}")
     if results.errors:
         lines += ["", "failed:"] + [f"  {e}" for e in results.errors]
@@ -260,8 +258,8 @@ def render(results: Results, args) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
-    p.add_argument("--only", default="a,b,c", metavar="LEGS",
-                   help="legs to run, e.g. a,b (default a,b,c)")
+    p.add_argument("--only", default="a,b,c", metavar="PARTS",
+                   help="legs to run, e.g. a,b (default a,b,c); `memory` for the server's RSS")
     p.add_argument("--seconds", type=float, help="seconds per iperf3 run (default 8, quick 2)")
     p.add_argument("--max-time", type=float, metavar="S",
                    help="stop measuring after S seconds (default 600, quick 150)")
@@ -271,14 +269,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    legs = [k.strip() for k in args.only.split(",") if k.strip()]
-    if not legs or any(k not in LEGS for k in legs):
-        print("bench/run.py: --only takes a comma list of a, b, c", file=sys.stderr)
+    parts = [k.strip() for k in args.only.split(",") if k.strip()]
+    legs = [k for k in parts if k != "memory"]
+    if not parts or any(k not in LEGS for k in legs):
+        print("bench/run.py: --only takes a comma list of a, b, c, memory", file=sys.stderr)
         return 2
     if os.geteuid() != 0:
         print("bench/run.py: needs root (network namespaces)", file=sys.stderr)
         return 2
-    missing = [t for t in ("ip", "iperf3", "ping", "wg", "wireguard-go") if not shutil.which(t)]
+    tools = ("ip", "iperf3", "ping", "wg", "wireguard-go") if legs else ("ip",)
+    missing = [t for t in tools if not shutil.which(t)]
     if missing:
         print(f"bench/run.py: needs {', '.join(missing)}", file=sys.stderr)
         return 2
@@ -302,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             measure_engine(args, tmp, results)
         for key in legs:
             measure_leg(key, args, tmp, results)
-        if any(LEGS[k][0] == "pytun" for k in legs):
-            measure_server(tmp, results)
+        if "memory" in parts or any(LEGS[k][0] == "pytun" for k in legs):
+            measure_server(results)
     except Stopped as exc:
         results.errors.append(str(exc))
         log(str(exc))
