@@ -5,6 +5,7 @@ The figures themselves are never judged here (bench/ prints, people compare).
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -12,6 +13,10 @@ import subprocess
 import sys
 
 import pytest
+
+from bench import memory
+from pytun.common.crypto import clamp
+from pytun.common.device import Device
 
 from .conftest import require_tools
 
@@ -57,7 +62,10 @@ PYTUN_ROWS = (
     "hub Device RSS MiB, +1k sessions",
     "pytun-server RSS MiB, no peers",
     "pytun-server RSS MiB, 10k rows",
+    "pytun-server RSS MiB, +1k sessions",
+    "pytun-server RSS MiB, after `get`",
     "pytun-server start s, 10k rows",
+    "pytun-server 1k sessions made s",
 )
 
 
@@ -114,3 +122,60 @@ def test_run_quick_leg_b_prints_every_row_and_leaves_nothing(netns_ok):
     assert not [n for n in left.splitlines() if mine.match(n)], left
     sockets = os.listdir("/run/wireguard") if os.path.isdir("/run/wireguard") else []
     assert not [s for s in sockets if mine.match(s)], sockets
+
+
+def test_memory_laptops_route_by_receiver_index_and_see_the_echo_reply():
+    """What the memory measurement's laptop process relies on, with in-process Devices."""
+    hub = Device(clamp(os.urandom(32)))
+    hub_peers, laptops = [], []
+    for address in memory._addresses(3):
+        dev = Device(clamp(os.urandom(32)))
+        dev.add_peer(hub.public_key, allowed_ips=[memory.MEMORY_SUBNET], endpoint=memory.HUB_EP)
+        hub_peers.append(hub.add_peer(dev.public_key, allowed_ips=[f"{address}/32"]))
+        laptops.append((dev, memory.icmp_echo(str(address), memory.HUB_INNER, 7)))
+    by_index = {}
+    for n, (dev, echo) in enumerate(laptops):
+        dev.send(echo, 1.0)
+        (initiation, _), = dev.net_out
+        dev.net_out.clear()
+        by_index.update((i, n) for i in dev.handshakes)
+        hub.receive(initiation, ("198.51.100.2", 1000 + n), 1.0)
+    responses, hub.net_out = hub.net_out, []
+    for response, _ in reversed(responses):  # any order: the index says whose it is
+        n = by_index[memory._receiver_index(response)]
+        dev = laptops[n][0]
+        dev.receive(response, memory.HUB_EP, 1.0)
+        (transport, _), = dev.net_out
+        dev.net_out.clear()
+        by_index.update((i, n) for i in dev.keypairs)
+        hub.receive(transport, ("198.51.100.2", 1000 + n), 1.0)
+    assert [p.current is not None for p in hub_peers] == [True] * 3
+    assert sorted(hub.tun_out) == sorted(echo for _, echo in laptops)
+    # The hub's kernel answers each echo; the hub seals the reply to the right laptop.
+    for packet in hub.tun_out:
+        reply = bytearray(packet)
+        reply[12:16], reply[16:20] = packet[16:20], packet[12:16]
+        reply[20] = 0  # echo reply (checksums are not checked on this path)
+        hub.send(bytes(reply), 1.0)
+    for datagram, _ in hub.net_out:
+        dev = laptops[by_index[memory._receiver_index(datagram)]][0]
+        dev.receive(datagram, memory.HUB_EP, 1.0)
+        assert len(dev.tun_out) == 1 and memory.is_echo_reply(dev.tun_out[0], memory.HUB_INNER)
+    assert not memory.is_echo_reply(laptops[0][1], memory.HUB_INNER)  # a request is not
+
+
+@pytest.mark.netns
+def test_memory_server_small_hub_reports_every_session_and_leaves_nothing(netns_ok):
+    """The real-server measurement with small numbers: 200 registry rows, 20 live sessions."""
+    proc = run_bench(["bench/memory.py", "--server", "--rows", "200", "--sessions", "20",
+                      "--json"], timeout=60)
+    assert proc.returncode == 0, f"{proc.out}\n{proc.err[-3000:]}"
+    r = json.loads(proc.out)
+    assert (r["registered"], r["live"], r["laptops"]["replied"]) == (200, 20, 20), r
+    assert r["laptops"]["counts"]["received_type4"] >= 20, r  # the echo replies, sealed
+    for key in ("empty_kib", "rows_kib", "sessions_kib", "after_get_kib"):
+        assert isinstance(r[key], int) and r[key] > 0, (key, r[key])
+    assert r["total_s"] < 60, r
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    mine = re.compile(rf"^[a-z]+{proc.pid}-[0-9a-f]+\b")
+    assert not [n for n in left.splitlines() if mine.match(n)], left
