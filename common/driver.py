@@ -230,23 +230,27 @@ class Driver:
                 timeout = next_tick - monotonic()
                 events = poll(timeout if timeout > 0 else 0)
                 now = monotonic()
+                udp = tun = False
+                for fd, _ in events:
+                    if fd == sock_fd:
+                        udp = True
+                    elif fd == tun_fd:
+                        tun = True
+                    else:
+                        try:
+                            os.eventfd_read(wake)
+                        except BlockingIOError:
+                            pass
                 with lock:
-                    for fd, _ in events:
-                        if fd == sock_fd:
-                            drain_udp(now)
-                            flush_tun()
-                            if not blocked:
-                                drain_tun(now)
-                        elif fd == tun_fd:
+                    if udp:
+                        drain_udp(now)
+                        flush_tun()
+                        if not blocked:
                             drain_tun(now)
-                            if flush_nowait():
-                                break
+                    elif tun:
+                        drain_tun(now)
+                        if not flush_nowait():
                             drain_udp(now)
-                        else:
-                            try:
-                                os.eventfd_read(wake)
-                            except BlockingIOError:
-                                pass
                     if now >= next_tick:
                         device.tick(now)
                         next_tick = now + tick
