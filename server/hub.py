@@ -181,8 +181,10 @@ class Hub:
             raise StartupError(str(exc)) from None
         firewall = None
         try:
+            # Link and firewall steps run in a forked child (linux.run_apart): pyroute2 and
+            # python-iptables then never load into the long-running hub.
             try:
-                linux.configure_link(ifname, [s.address], s.mtu)
+                linux.run_apart(linux.configure_link, ifname, [s.address], s.mtu)
                 self.sock = open_udp(s.listen_port)
             except (linux.LinuxError, OSError) as exc:
                 raise StartupError(getattr(exc, "strerror", None) or str(exc)) from None
@@ -191,7 +193,7 @@ class Hub:
             firewall = nat.Nat(interface=ifname, subnets=[s.subnet], egress=s.egress, mtu=s.mtu,
                                state_dir=self.state_dir)
             try:
-                firewall.setup()
+                linux.run_apart(firewall.setup)
             except nat.NatError as exc:
                 raise StartupError(f"firewall set-up failed: {exc}") from None
             self.sync()
@@ -215,7 +217,7 @@ class Hub:
         finally:
             if firewall is not None:
                 try:
-                    firewall.teardown()
+                    linux.run_apart(firewall.teardown)
                 except nat.NatError as exc:
                     log.error("firewall tear-down failed: %s", exc)
             if self.sock is not None:
