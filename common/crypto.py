@@ -1,7 +1,8 @@
 """WireGuard's primitives: HASH, MAC, HMAC, KDF1-3, AEAD, XAEAD and DH.
 
-Names follow the whitepaper (section 5.4). BLAKE2s comes from hashlib, X25519 and
-XChaCha20-Poly1305 from PyNaCl. The transport AEAD is a per-session object from
+Names follow the whitepaper (section 5.4). BLAKE2s comes from hashlib; X25519 and the
+handshake's ChaCha20-Poly1305 from libsodium through PyNaCl's cffi module, XChaCha20-Poly1305
+through PyNaCl's bindings. The transport AEAD is a per-session object from
 `cryptography` (the same libsodium-grade ChaCha20-Poly1305, without a wrapper's
 per-call argument checks); tests check it against PyNaCl byte for byte.
 """
@@ -14,6 +15,7 @@ import struct
 
 import nacl.bindings as _sodium
 import nacl.exceptions as _nacl_exc
+from nacl._sodium import ffi as _ffi, lib as _lib
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
@@ -106,15 +108,38 @@ def nonce(counter: int) -> bytes:
     return _NONCE.pack(counter)
 
 
+# The handshake AEAD and X25519 call libsodium through PyNaCl's own cffi module: nacl.bindings
+# costs ~4 us a call in argument checks and error-string formatting, twice the cipher's cost. The
+# checks that keep libsodium inside its buffers (32-byte keys, the length limits) are made here;
+# cffi refuses str, bytearray and memoryview buffers with TypeError.
+_UCHARS = _ffi.typeof("unsigned char[]")
+_AEAD_MAX = _sodium.crypto_aead_chacha20poly1305_ietf_MESSAGEBYTES_MAX
+
+
 def AEAD(key: bytes, counter: int, plaintext: bytes, ad: bytes) -> bytes:
-    return _sodium.crypto_aead_chacha20poly1305_ietf_encrypt(plaintext, ad, nonce(counter), key)
+    size = len(plaintext)
+    if len(key) != KEY_LEN or size > _AEAD_MAX:
+        raise CryptoFailure("ChaCha20-Poly1305 takes a 32-byte key")
+    out = _ffi.new(_UCHARS, size + TAG_LEN)
+    _lib.crypto_aead_chacha20poly1305_ietf_encrypt(out, _ffi.NULL, plaintext, size, ad, len(ad),
+                                                    _ffi.NULL, _NONCE.pack(counter), key)
+    return _ffi.buffer(out)[:]
 
 
 def AEAD_open(key: bytes, counter: int, ciphertext: bytes, ad: bytes) -> bytes:
     try:
-        return _sodium.crypto_aead_chacha20poly1305_ietf_decrypt(ciphertext, ad, nonce(counter), key)
-    except (_nacl_exc.CryptoError, ValueError, TypeError, RuntimeError, struct.error) as exc:
+        size = len(ciphertext) - TAG_LEN
+        if size < 0 or size > _AEAD_MAX or len(key) != KEY_LEN:
+            raise CryptoFailure("AEAD authentication failed")
+        out = _ffi.new(_UCHARS, size)
+        failed = _lib.crypto_aead_chacha20poly1305_ietf_decrypt(
+            out, _ffi.NULL, _ffi.NULL, ciphertext, size + TAG_LEN, ad, len(ad),
+            _NONCE.pack(counter), key)
+    except (ValueError, TypeError, OverflowError, struct.error) as exc:
         raise CryptoFailure("AEAD authentication failed") from exc
+    if failed:
+        raise CryptoFailure("AEAD authentication failed")
+    return _ffi.buffer(out)[:]
 
 
 def XAEAD(key: bytes, nonce24: bytes, plaintext: bytes, ad: bytes) -> bytes:
@@ -130,14 +155,14 @@ def XAEAD_open(key: bytes, nonce24: bytes, ciphertext: bytes, ad: bytes) -> byte
 
 def DH(private: bytes, public: bytes) -> bytes:
     """X25519. A low-order public key gives an all-zero result, refused here."""
-    # PyNaCl hands the buffers to libsodium unchecked: a short key would be read past its end.
+    # libsodium reads 32 bytes from each pointer: a short key would be read past its end.
     if len(private) != KEY_LEN or len(public) != KEY_LEN:
         raise CryptoFailure("X25519 keys are 32 bytes")
     private, public = bytes(private), bytes(public)
-    try:
-        shared = _sodium.crypto_scalarmult(private, public)
-    except (_nacl_exc.CryptoError, ValueError, TypeError, RuntimeError) as exc:
-        raise CryptoFailure("X25519 failed (low-order point)") from exc
+    out = _ffi.new(_UCHARS, KEY_LEN)
+    if _lib.crypto_scalarmult(out, private, public) != 0:
+        raise CryptoFailure("X25519 failed (low-order point)")
+    shared = _ffi.buffer(out)[:]
     if _hmac.compare_digest(shared, EMPTY32):
         raise CryptoFailure("X25519 gave the zero point")
     return shared
@@ -146,7 +171,10 @@ def DH(private: bytes, public: bytes) -> bytes:
 def DH_pubkey(private: bytes) -> bytes:
     if len(private) != KEY_LEN:
         raise CryptoFailure("X25519 keys are 32 bytes")
-    return _sodium.crypto_scalarmult_base(private)
+    out = _ffi.new(_UCHARS, KEY_LEN)
+    if _lib.crypto_scalarmult_base(out, bytes(private)) != 0:
+        raise CryptoFailure("X25519 failed")
+    return _ffi.buffer(out)[:]
 
 
 def clamp(key: bytes) -> bytes:

@@ -129,6 +129,44 @@ def test_handshake_aead_with_associated_data_matches_raw_construction():
         crypto.AEAD_open(key, 0, sealed, ad[:-1] + bytes([ad[-1] ^ 1]))
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    key=st.binary(min_size=32, max_size=32),
+    counter=st.sampled_from([0, 1, 2**32, 2**64 - 1]),
+    plaintext=st.binary(max_size=200),
+    ad=st.binary(max_size=100),
+)
+def test_handshake_aead_matches_pynacl(key, counter, plaintext, ad):
+    # crypto.AEAD calls libsodium without nacl.bindings' wrapper; the wrapper is the reference.
+    n = crypto.nonce(counter)
+    sealed = crypto.AEAD(key, counter, plaintext, ad)
+    assert sealed == sodium.crypto_aead_chacha20poly1305_ietf_encrypt(plaintext, ad, n, key)
+    assert crypto.AEAD_open(key, counter, sealed, ad) == plaintext
+
+
+def test_handshake_aead_refuses_keys_that_are_not_32_bytes():
+    for length in (0, 16, 31, 33, 64):
+        with pytest.raises(CryptoFailure):
+            crypto.AEAD(bytes(length), 0, b"payload", b"")
+
+
+def test_aead_open_bad_types_and_lengths_raise_crypto_failure_only():
+    key, ad = os.urandom(32), os.urandom(32)
+    sealed = crypto.AEAD(key, 0, b"timestamp!!!", ad)
+    bad = [
+        (key[:31], sealed, ad), (key + b"\x00", sealed, ad), (None, sealed, ad),
+        (key.hex(), sealed, ad), (key, None, ad), (key, sealed.hex(), ad),
+        (key, bytearray(sealed), ad), (key, memoryview(sealed), ad), (key, 12345, ad),
+        (key, sealed, None), (key, sealed, ad.hex()), (key, sealed, 7),
+    ]
+    for k, c, a in bad:
+        with pytest.raises(CryptoFailure):
+            crypto.AEAD_open(k, 0, c, a)
+    with pytest.raises(CryptoFailure):
+        crypto.AEAD_open(key, "0", sealed, ad)
+    assert crypto.AEAD_open(key, 0, sealed, ad) == b"timestamp!!!"
+
+
 def _openers(key: bytes, counter: int):
     cipher = crypto.SessionCipher(key)
     return {
