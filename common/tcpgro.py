@@ -25,6 +25,7 @@ SMALL = 128  # a packet this short is written alone without a look at its header
 
 _VNET = struct.Struct("<BBHHHH")
 _TCP_ACK, _TCP_PSH = 0x10, 0x08
+_ACK_FLAGS = frozenset((_TCP_ACK, _TCP_ACK | _TCP_PSH))
 
 
 def _mergeable(p) -> int:
@@ -42,17 +43,12 @@ def _mergeable(p) -> int:
     return n - 20 - doff
 
 
-def _same_flow(a, b, doff: int) -> bool:
-    # TOS, TTL, protocol, addresses, ports, ACK number, data offset, window, options.
-    return (a[1] == b[1] and a[8] == b[8] and a[12:24] == b[12:24] and a[28:33] == b[28:33]
-            and a[34:36] == b[34:36] and a[40:20 + doff] == b[40:20 + doff])
+_IP_WORDS = struct.Struct("!10H")  # an IPv4 header without options, as 16-bit words
+_ADDR_WORDS = struct.Struct("!4H")  # source and destination addresses
 
 
-def _checksum(data) -> int:
+def _fold(total: int) -> int:
     """Folded 16-bit one's complement sum (not complemented)."""
-    if len(data) % 2:
-        data = bytes(data) + b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return total
@@ -62,10 +58,10 @@ def _merged_header(first, last, doff: int, total: int) -> bytes:
     hdr = bytearray(first[:20 + doff])
     hdr[2:4] = total.to_bytes(2, "big")
     hdr[10:12] = b"\0\0"
-    hdr[10:12] = (~_checksum(hdr[:20]) & 0xFFFF).to_bytes(2, "big")
+    hdr[10:12] = (~_fold(sum(_IP_WORDS.unpack_from(hdr))) & 0xFFFF).to_bytes(2, "big")
     hdr[33] |= last[33] & _TCP_PSH
     # Checksum partial: the pseudo-header sum, which the kernel completes over the segment.
-    pseudo = _checksum(bytes(hdr[12:20]) + struct.pack("!HH", 6, total - 20))
+    pseudo = _fold(sum(_ADDR_WORDS.unpack_from(hdr, 12)) + 6 + total - 20)
     hdr[36:38] = pseudo.to_bytes(2, "big")
     return bytes(hdr)
 
@@ -74,40 +70,49 @@ def plan(packets: list) -> list:
     """What to write for `packets`, in order: a list of iovecs (lists of buffers), each one
     TUN write: [PLAIN, packet] alone, or [vnet GSO header, IP+TCP header, payloads...]."""
     out = []
+    append = out.append
     i, n = 0, len(packets)
     while i < n:
         p = packets[i]
-        if len(p) <= SMALL:  # ACKs and the like: nothing worth merging
-            out.append([PLAIN, p])
-            i += 1
-            continue
-        size = _mergeable(p)
         j = i + 1
-        if size > 0:
-            doff = (p[32] >> 4) * 4
-            seq = int.from_bytes(p[24:28], "big") + size
-            total = len(p)
-            while j < n and j - i < MAX_SEGMENTS:
-                q = packets[j]
-                qsize = _mergeable(q)
-                if (qsize <= 0 or qsize > size or total + qsize > MAX_LENGTH
-                        or int.from_bytes(q[24:28], "big") != seq & 0xFFFFFFFF
-                        or not _same_flow(p, q, doff) or p[33] & _TCP_PSH):
-                    break
-                seq += qsize
-                total += qsize
-                j += 1
-                if qsize < size or q[33] & _TCP_PSH:
-                    break
-        if j - i == 1:
-            out.append([PLAIN, p])
+        size = _mergeable(p) if len(p) > SMALL and j < n else -1  # ACKs: nothing to merge
+        if size <= 0 or p[33] & _TCP_PSH:
+            append([PLAIN, p])
             i = j
             continue
-        hlen = 20 + doff
+        # The next segments join while they match the first, compared as byte slices: version,
+        # TOS; DF and no fragment; TTL and protocol; addresses and ports; ACK and data offset;
+        # window; options. Their lengths and flags are checked apart.
+        hlen = 20 + (p[32] >> 4) * 4
+        head, frag_ttl_proto, flow = p[0:2], p[6:10], p[12:24]
+        ack_doff, window, options = p[28:33], p[34:36], p[40:hlen]
+        seq = int.from_bytes(p[24:28], "big") + size
+        limit = hlen + size  # no segment may be longer than the first
+        total = len(p)
+        while j < n and j - i < MAX_SEGMENTS:
+            q = packets[j]
+            qn = len(q)
+            if (not hlen < qn <= limit or total + qn - hlen > MAX_LENGTH
+                    or (q[2] << 8 | q[3]) != qn or q[33] not in _ACK_FLAGS
+                    or q[24:28] != (seq & 0xFFFFFFFF).to_bytes(4, "big")
+                    or q[12:24] != flow or q[28:33] != ack_doff or q[0:2] != head
+                    or q[6:10] != frag_ttl_proto or q[34:36] != window
+                    or q[40:hlen] != options):
+                break
+            qsize = qn - hlen
+            seq += qsize
+            total += qsize
+            j += 1
+            if qn < limit or q[33] & _TCP_PSH:
+                break
+        if j - i == 1:
+            append([PLAIN, p])
+            i = j
+            continue
         vnet = _VNET.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, hlen, size,
                           20, 16)
-        iov = [vnet, _merged_header(p, packets[j - 1], doff, total)]
-        iov.extend(memoryview(q)[hlen:] for q in packets[i:j])
-        out.append(iov)
+        iov = [vnet, _merged_header(p, packets[j - 1], hlen - 20, total)]
+        iov.extend([q[hlen:] for q in packets[i:j]])  # a copy costs less than a view here
+        append(iov)
         i = j
     return out

@@ -3,6 +3,9 @@
 import ipaddress
 import struct
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from pytun.common import tcpgro
 
 SRC, DST = ipaddress.ip_address("10.77.0.2").packed, ipaddress.ip_address("10.77.0.1").packed
@@ -83,3 +86,81 @@ def test_runs_stop_at_64_segments_and_64_kib():
     big = [segment(1400 * i, b"y" * 1400) for i in range(50)]
     sizes = [sum(len(bytes(p)) for p in iov[2:]) + len(iov[1]) for iov in tcpgro.plan(big)]
     assert all(s <= 65535 for s in sizes) and sum(len(iov) - 2 for iov in tcpgro.plan(big)) == 50
+
+
+# -- against a plain reference -------------------------------------------------------------------
+
+def _reference_same_flow(a, b, doff: int) -> bool:
+    return (a[1] == b[1] and a[8] == b[8] and a[12:24] == b[12:24] and a[28:33] == b[28:33]
+            and a[34:36] == b[34:36] and a[40:20 + doff] == b[40:20 + doff])
+
+
+def reference_runs(packets: list) -> list[int]:
+    """How many packets each write takes, by the rules as written in the module docstring,
+    one field at a time (slow and plain)."""
+    runs, i, n = [], 0, len(packets)
+    while i < n:
+        p = packets[i]
+        size = -1 if len(p) <= tcpgro.SMALL else tcpgro._mergeable(p)
+        j = i + 1
+        if size > 0:
+            doff = (p[32] >> 4) * 4
+            seq = int.from_bytes(p[24:28], "big") + size
+            total = len(p)
+            while j < n and j - i < tcpgro.MAX_SEGMENTS:
+                q = packets[j]
+                qsize = tcpgro._mergeable(q)
+                if (qsize <= 0 or qsize > size or total + qsize > tcpgro.MAX_LENGTH
+                        or int.from_bytes(q[24:28], "big") != seq & 0xFFFFFFFF
+                        or not _reference_same_flow(p, q, doff) or p[33] & 0x08):
+                    break
+                seq += qsize
+                total += qsize
+                j += 1
+                if qsize < size or q[33] & 0x08:
+                    break
+        runs.append(j - i)
+        i = j
+    return runs
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 11), st.integers(0, 3)), min_size=1, max_size=80))
+def test_runs_match_the_plain_reference(steps):
+    """Random streams: mostly a flow's next segment, sometimes one field changed."""
+    seq, pkts = 5000, []
+    for change, size_pick in steps:
+        size = (1200, 1200, 1200, 700)[size_pick]
+        kw = {}
+        if change == 1:
+            kw["flags"] = 0x18
+        elif change == 2:
+            kw["sport"] = 40001
+        elif change == 3:
+            kw["ack"] = 8
+        elif change == 4:
+            kw["ttl"] = 63
+        elif change == 5:
+            kw["df"] = False
+        elif change == 6:
+            seq += 1  # a gap
+        elif change == 7:
+            kw["options"] = b"\x01" * 12
+        elif change == 8:
+            kw["flags"] = 0x11
+        pkt = segment(seq & 0xFFFFFFFF, b"p" * (0 if change == 9 else size), **kw)
+        if change == 10:
+            pkt = pkt[:60]  # says it is longer than it is
+        pkts.append(pkt)
+        seq += size
+    iovs = tcpgro.plan(pkts)
+    runs = [1 if iov[0] == tcpgro.PLAIN else len(iov) - 2 for iov in iovs]
+    assert runs == reference_runs(pkts)
+    at = 0
+    for iov, run in zip(iovs, runs):
+        if run == 1:
+            assert iov == [tcpgro.PLAIN, pkts[at]]
+        else:  # the first header, then every segment's payload in order
+            hlen = len(iov[1])
+            assert written(iov)[hlen:] == b"".join(p[hlen:] for p in pkts[at:at + run])
+        at += run
