@@ -40,9 +40,10 @@ import os
 import re
 import socket
 import stat
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
-import trio
+if TYPE_CHECKING:
+    import trio
 
 log = logging.getLogger("pytun.control")
 
@@ -196,13 +197,23 @@ def _bind_private(path: str) -> socket.socket:
     return sock
 
 
-async def serve(path: str, handler: Handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+class _Ignored:
+    @staticmethod
+    def started(value=None) -> None:
+        pass
+
+
+# trio is imported by the serving side only: the admin tool, a client, starts ~150 ms sooner.
+
+async def serve(path: str, handler: Handler, *, task_status=_Ignored) -> None:
     """Answer control requests on `path` until cancelled; then remove the socket file.
 
     `handler(pairs)` returns the answer pairs (it may also be async). It may raise
     ControlError(message, errno); any other exception answers errno=1 and is logged.
     Handlers run one at a time.
     """
+    import trio
+
     _remove_stale(path)
     raw = _bind_private(path)
     ident = os.stat(path).st_ino
@@ -254,6 +265,8 @@ async def _answer(pairs: Pairs, handler: Handler, lock: trio.Lock) -> str:
 
 
 async def _connection(stream: trio.SocketStream, handler: Handler, lock: trio.Lock) -> None:
+    import trio
+
     async with stream:
         try:
             with trio.fail_after(TIMEOUT):
