@@ -22,8 +22,10 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
+import subprocess
 
 import trio
 
@@ -44,6 +46,7 @@ RESOLVE_RETRY = 5.0  # seconds between tries while the hub's name does not resol
 RESOLVE_TIMEOUT = 10.0
 RERESOLVE_AFTER = 15.0  # unanswered handshakes for this long: look the name up again
 WATCH_INTERVAL = 1.0
+HOOK_TIMEOUT = 60.0  # seconds for each PreUp/PostUp/PreDown/PostDown command
 
 _ABANDON = ("abandon_on_cancel"
             if "abandon_on_cancel" in inspect.signature(trio.to_thread.run_sync).parameters
@@ -123,7 +126,8 @@ def is_running(state: dict) -> bool:
 def undo_recorded(state: dict) -> list[str]:
     """Undo what a state file records (DNS, rules, routes, nft, the link). Returns problems."""
     ifname = state["interface"]
-    problems = []
+    hooks = state.get("down_hooks") or {}
+    problems = run_hooks("PreDown", hooks.get("pre_down", []), ifname)
     problem = dns.undo(state.get("dns"))
     if problem:
         problems.append(problem)
@@ -134,6 +138,32 @@ def undo_recorded(state: dict) -> list[str]:
             linux.delete_link(ifname)
     except linux.LinuxError as exc:
         problems.append(str(exc))
+    problems += run_hooks("PostDown", hooks.get("post_down", []), ifname)
+    return problems
+
+
+def run_hooks(kind: str, commands: list[str], ifname: str, *, stop_at_failure: bool = False
+              ) -> list[str]:
+    """wg-quick's PreUp/PostUp/PreDown/PostDown: each command through bash, in order, with %i
+    replaced by the interface name. Returns one problem line per command that failed; with
+    `stop_at_failure` (the Up hooks, as in wg-quick) the rest are then not run."""
+    shell = shutil.which("bash") or "/bin/sh"
+    problems = []
+    for command in commands:
+        command = command.replace("%i", ifname)
+        log.info("%s: %s", kind, command)
+        try:
+            done = subprocess.run([shell, "-c", command], stdin=subprocess.DEVNULL,
+                                  timeout=HOOK_TIMEOUT)
+            failed = f"exit {done.returncode}" if done.returncode else None
+        except subprocess.TimeoutExpired:
+            failed = f"still running after {HOOK_TIMEOUT:g} s"
+        except OSError as exc:
+            failed = exc.strerror or str(exc)
+        if failed:
+            problems.append(f"{kind} command failed ({failed}): {command}")
+            if stop_at_failure:
+                break
     return problems
 
 
@@ -266,8 +296,6 @@ class Tunnel:
             self.save()
             if warning:
                 log.warning("%s", warning)
-        if any(x for x in (i.pre_up, i.post_up, i.pre_down, i.post_down)):
-            log.warning("PreUp/PostUp/PreDown/PostDown commands in the config are not run")
 
     # -- the hub's address ----------------------------------------------------------------------
 
@@ -425,6 +453,7 @@ class Tunnel:
                 self._nursery = nursery
                 nursery.start_soon(self._stop_on_signal, signals, nursery.cancel_scope)
                 try:
+                    self._hooks("PreUp", self.cfg.interface.pre_up)
                     self._open()
                     await nursery.start(control.serve, socket_path(self.ifname, self.dir),
                                         self.handle_control)
@@ -438,6 +467,12 @@ class Tunnel:
                         self.phase = "waiting for the hub"
                         log.info("no Endpoint in the config: waiting for the hub to call")
                     self._route()
+                    self._hooks("PostUp", self.cfg.interface.post_up)
+                    i = self.cfg.interface
+                    if i.pre_down or i.post_down:  # kept for `down` after a crash, too
+                        self.state["down_hooks"] = {"pre_down": i.pre_down,
+                                                    "post_down": i.post_down}
+                        self.save()
                 except (linux.LinuxError, TunnelError, control.ControlError, OSError) as exc:
                     self.error = exc
                     nursery.cancel_scope.cancel()
@@ -448,6 +483,11 @@ class Tunnel:
                          "full tunnel" if self.plan.full_tunnel else
                          f"{len(self.plan.routes)} route(s) through the tunnel")
                 task_status.started()
+
+    def _hooks(self, kind: str, commands: list[str]) -> None:
+        problems = run_hooks(kind, commands, self.ifname, stop_at_failure=True)
+        if problems:
+            raise TunnelError(problems[0])
 
     async def _stop_on_signal(self, signals, cancel_scope) -> None:
         async for signum in signals:
@@ -460,7 +500,8 @@ class Tunnel:
         if self._teardown_done:
             return []
         self._teardown_done = True
-        problems = []
+        hooks = self.state.get("down_hooks") or {}
+        problems = run_hooks("PreDown", hooks.get("pre_down", []), self.ifname)
         problem = dns.undo(self.state.get("dns"))
         if problem:
             problems.append(problem)
@@ -470,6 +511,7 @@ class Tunnel:
             self.sock.close()
         if self.tun_fd is not None:
             os.close(self.tun_fd)  # the TUN device goes with its last fd
+        problems += run_hooks("PostDown", hooks.get("post_down", []), self.ifname)
         try:
             os.unlink(state_path(self.ifname, self.dir))
         except FileNotFoundError:

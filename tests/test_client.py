@@ -526,3 +526,21 @@ def test_dns_method_is_known_before_it_is_used():
     assert dns.choose("alice", which=which_only("resolvectl")) == {"method": "resolvectl",
                                                                   "name": "alice"}
     assert dns.choose("alice", which=which_only()) is None
+
+
+def test_hooks_run_in_order_with_the_interface_name_and_report_failures(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    ok = tunnel.run_hooks("PostUp", [f"echo one %i >> {out}", f"echo two %i%i >> {out}"], "wg7")
+    assert ok == [] and out.read_text() == "one wg7\ntwo wg7wg7\n"
+
+    failing = ["exit 3", f"echo after >> {out}"]
+    assert tunnel.run_hooks("PreDown", failing, "wg7") == ["PreDown command failed (exit 3): exit 3"]
+    assert out.read_text().endswith("after\n")  # down hooks go on after a failure
+    out.write_text("")
+    assert tunnel.run_hooks("PreUp", failing, "wg7", stop_at_failure=True) == [
+        "PreUp command failed (exit 3): exit 3"]
+    assert out.read_text() == ""  # up hooks stop at the first failure
+
+    monkeypatch.setattr(tunnel, "HOOK_TIMEOUT", 0.2)
+    assert tunnel.run_hooks("PostUp", ["sleep 5"], "wg7") == [
+        "PostUp command failed (still running after 0.2 s): sleep 5"]

@@ -274,6 +274,59 @@ def test_down_cleans_up_after_sigkill_and_up_replaces_leftovers(net):
     assert done.stderr.startswith(f"pytun-client: error: {client.ifname} is not up")
 
 
+def add_hooks(path: str, hooks: dict[str, str]) -> None:
+    """Put PreUp/PostUp/PreDown/PostDown lines into the [Interface] section of a config."""
+    lines = [f"{key} = {command}" for key, command in hooks.items()]
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace("[Interface]\n", "[Interface]\n" + "\n".join(lines) + "\n", 1))
+
+
+def test_up_and_down_hooks_run_in_order_with_the_interface_name(net):
+    trace = net.tmp / "hooks.log"
+    seen = "ip -o link show %i >/dev/null 2>&1 && echo link || echo no-link"
+    path = net.add_peer("ivan")
+    add_hooks(path, {
+        "PreUp": f"echo PreUp %i $({seen}) >> {trace}",
+        "PostUp": f"echo PostUp %i $({seen}) $(ip -4 route show 10.77.0.0/24 | wc -l) >> {trace}",
+        "PreDown": f"echo PreDown %i $({seen}) >> {trace}",
+        "PostDown": f"echo PostDown %i $({seen}) >> {trace}",
+    })
+    client = Client(net, path)
+    client.up()
+    ifname = client.ifname
+    # PreUp before the interface exists, PostUp after it and its routes.
+    assert trace.read_text() == f"PreUp {ifname} no-link\nPostUp {ifname} link 1\n"
+    client.down()
+    assert trace.read_text().splitlines()[2:] == [f"PreDown {ifname} link",
+                                                   f"PostDown {ifname} no-link"]
+
+    # After a SIGKILL, `down` still runs the down hooks, from what the client recorded (the
+    # TUN device went with the killed process).
+    trace.write_text("")
+    client.up()
+    client.kill()
+    client.proc = None
+    client.down()
+    assert trace.read_text().splitlines()[1:] == [f"PostUp {ifname} link 1",
+                                                   f"PreDown {ifname} no-link",
+                                                   f"PostDown {ifname} no-link"]
+
+
+def test_a_failing_post_up_stops_the_client_and_undoes_what_it_did(net):
+    before = routing(net.lap)
+    path = net.add_peer("judy")
+    add_hooks(path, {"PostUp": "echo adding; false"})
+    client = Client(net, path)
+    done = client.cli("up", path, check=False)
+    assert done.returncode == 1
+    assert done.stderr.endswith("pytun-client: error: PostUp command failed (exit 1): "
+                                "echo adding; false\n")
+    assert routing(net.lap) == before
+    assert not os.path.exists(os.path.join(client.run_dir, client.ifname + ".json"))
+
+
 def test_idle_laptop_is_back_within_20s_after_the_hub_restarts(net):
     client = Client(net, net.add_peer("dave"))  # PersistentKeepalive 25
     client.up()
