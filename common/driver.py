@@ -127,7 +127,7 @@ class Driver:
         self.tun_fd = tun_fd
         self.sock = sock
         self.on_event = on_event
-        self.tick = TICK  # seconds between the device's timer checks
+        self.tick_interval = TICK  # seconds between the device's timer checks
         self.lock = threading.Lock()  # held by the data thread while it works on the device
         self._wake = -1  # eventfd that wakes the data thread, while it runs
         self._stopping = False
@@ -224,7 +224,7 @@ class Driver:
             ep.register(wake, select.EPOLLIN)
             poll = ep.poll
             blocked = False  # datagrams wait for room in the socket: TUN reads pause
-            tick = self.tick
+            tick = self.tick_interval
             next_tick = monotonic() + tick
             while not self._stopping:
                 timeout = next_tick - monotonic()

@@ -88,7 +88,7 @@ def test_a_change_under_locked_goes_out_at_once(ends):
     listener = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     listener.bind(("::1", 0))
     a.peer.endpoint = ("::1", listener.getsockname()[1], 0, 0)
-    a.driver.tick = 60.0  # no timer wakes the thread during the test
+    a.driver.tick_interval = 60.0  # no timer wakes the thread during the test
 
     def junk_counted() -> bool:
         with a.driver.locked() as device:
