@@ -13,8 +13,8 @@ import errno
 import fcntl
 import ipaddress
 import os
-import socket
 import pickle
+import socket
 import struct
 import subprocess
 import sys

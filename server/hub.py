@@ -194,7 +194,7 @@ class Hub:
                                state_dir=self.state_dir)
             try:
                 linux.run_apart(firewall.setup)
-            except nat.NatError as exc:
+            except (nat.NatError, linux.LinuxError) as exc:
                 raise StartupError(f"firewall set-up failed: {exc}") from None
             self.sync()
             driver = Driver(self.device, tun_fd, self.sock, on_event=self.on_event,
@@ -218,7 +218,7 @@ class Hub:
             if firewall is not None:
                 try:
                     linux.run_apart(firewall.teardown)
-                except nat.NatError as exc:
+                except (nat.NatError, linux.LinuxError) as exc:
                     log.error("firewall tear-down failed: %s", exc)
             if self.sock is not None:
                 self.sock.close()
