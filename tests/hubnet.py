@@ -149,7 +149,7 @@ class OurLaptop:
 class WgGoLaptop:
     """Stock wireguard-go + wg(8), configured with the file pytun-admin printed."""
 
-    def __init__(self, ns: Netns, tmp_path, config_text: str, routes=None):
+    def __init__(self, ns: Netns, tmp_path, config_text: str, routes=None, *, ipv6=True):
         from pytun.common import config as wgconfig
         self.ns = ns
         self.ifname = unique("wg")
@@ -160,10 +160,13 @@ class WgGoLaptop:
         wait_until(lambda: os.path.exists(f"/run/wireguard/{self.ifname}.sock"), timeout=10,
                    what="wireguard-go's UAPI socket")
         ns.run("wg", "setconf", self.ifname, stripped)
+        if not ipv6:  # no link-local chatter (router solicitations, MLD) through the tunnel
+            ns.run("sysctl", "-qw", f"net.ipv6.conf.{self.ifname}.disable_ipv6=1")
         for address in parsed.interface.addresses:
             ns.run("ip", "addr", "add", str(address), "dev", self.ifname)
         ns.run("ip", "link", "set", self.ifname, "mtu", "1420", "up")
         if routes is None:  # as wg-quick does: a route for every AllowedIPs entry
             routes = [str(n) for p in parsed.peers for n in p.allowed_ips]
         for route in routes:
-            ns.run("ip", "route", "add", route, "dev", self.ifname)
+            if ipv6 or ":" not in route:
+                ns.run("ip", "route", "add", route, "dev", self.ifname)
