@@ -28,7 +28,8 @@ from . import tcpgro
 log = logging.getLogger("pytun")
 
 BATCH = 256
-TICK = 0.1
+TICK = 0.1  # with many peers' timers armed, check them all this often
+LONGEST_SLEEP = 5.0  # with none due sooner (the rate limiter's tidy-up runs at tick too)
 MAX_PACKET = 65535
 SOCKET_BUFFER = 4 << 20
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
@@ -206,7 +207,8 @@ class Driver:
                 pass
 
     # One thread waits on a level-triggered epoll for the UDP socket, the TUN device and a wake-up
-    # eventfd, with the next timer tick as its timeout. Each wake-up drains the ready descriptor
+    # eventfd, with the next timer check as its timeout (Device.next_wakeup: an idle laptop
+    # sleeps until its next keepalive or rekey, a hub checks every TICK). Each wake-up drains the ready descriptor
     # with non-blocking calls, carries out the results, then drains the other one without waiting:
     # a packet written to the TUN device often makes the kernel answer at once (a TCP ACK), and
     # picking that up now saves a wakeup, which costs several times what the packet itself does.
@@ -224,7 +226,7 @@ class Driver:
             ep.register(wake, select.EPOLLIN)
             poll = ep.poll
             blocked = False  # datagrams wait for room in the socket: TUN reads pause
-            tick = self.tick_interval
+            tick, next_wakeup = self.tick_interval, device.next_wakeup
             next_tick = monotonic() + tick
             while not self._stopping:
                 timeout = next_tick - monotonic()
@@ -253,7 +255,9 @@ class Driver:
                             drain_udp(now)
                     if now >= next_tick:
                         device.tick(now)
-                        next_tick = now + tick
+                        next_tick = next_wakeup(now, tick, LONGEST_SLEEP)
+                    else:  # packets may have armed a timer that is due sooner
+                        next_tick = min(next_tick, next_wakeup(now, tick, LONGEST_SLEEP))
                     left = flush_nowait()
                 if left != blocked:
                     blocked = left

@@ -10,6 +10,8 @@ from __future__ import annotations
 from .peer import (JITTER_MAX, KEEPALIVE_TIMEOUT, MAX_TIMER_HANDSHAKES, REKEY_TIMEOUT,
                    ZERO_KEYS_AFTER, Peer)
 
+FEW_ARMED = 4  # up to this many peers with timers, a driver may sleep until the earliest
+
 
 class Timers:
     """Mixed into Device; uses its rng, events, initiate, send_keepalive, zero_key_material."""
@@ -112,6 +114,15 @@ class Timers:
             return
         peer.handshake_attempts += 1
         self.initiate(peer, now, retry=True)
+
+    def next_wakeup(self, now: float, tick: float, longest: float) -> float:
+        """When a driver should call tick() next. With few peers' timers armed (a laptop), the
+        earliest deadline, at most `longest` away, so an idle tunnel sleeps; with many (a hub),
+        `tick` from now, where looking for the earliest would cost more than the tick itself."""
+        if len(self._armed) > FEW_ARMED:
+            return now + tick
+        best = self.next_deadline()
+        return now + longest if best is None else min(best, now + longest)
 
     def next_deadline(self) -> float | None:
         """The earliest armed deadline, for a driver that sleeps until it."""

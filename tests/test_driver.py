@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from pytun.common.device import Device
+from pytun.common import driver as driver_module
 from pytun.common.driver import Driver, open_udp
 from tests.enginenet import ipv4, static_key
 
@@ -83,8 +84,9 @@ def test_packets_cross_both_ways_and_events_reach_trio(ends):
     assert a.device.drops == {} and b.device.drops == {}
 
 
-def test_a_change_under_locked_goes_out_at_once(ends):
+def test_a_change_under_locked_goes_out_at_once(ends, monkeypatch):
     a, b = ends
+    monkeypatch.setattr(driver_module, "LONGEST_SLEEP", 60.0)
     listener = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     listener.bind(("::1", 0))
     a.peer.endpoint = ("::1", listener.getsockname()[1], 0, 0)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from pytun.common import peer as P
-from tests.enginenet import Net, two, up  # noqa: F401
+from pytun.common import timers
+from tests.enginenet import Net, static_key, two, up  # noqa: F401
 
 INIT, RESP, COOKIE, DATA = 1, 2, 3, 4
 
@@ -340,3 +341,17 @@ def test_next_deadline_is_the_earliest_timer():
     # answer to its data (15 s + jitter), whichever comes first.
     assert b.device.next_deadline() == 10.0
     assert 15.0 <= a.device.next_deadline() <= 15.334
+
+
+def test_next_wakeup_sleeps_until_the_earliest_timer_unless_many_are_armed():
+    net, a, b = two()
+    assert a.device.next_wakeup(0.0, 0.1, 5.0) == 5.0  # nothing armed: the longest sleep
+    a.device.send(a.packet_to(b), 0.0)
+    assert 5.0 <= a.device.next_wakeup(0.0, 0.1, 60.0) <= 5.334  # the retransmit
+    assert a.device.next_wakeup(0.0, 0.1, 2.0) == 2.0
+    # With more peers armed than FEW_ARMED, a driver checks every tick instead.
+    for i in range(timers.FEW_ARMED):
+        peer = a.device.add_peer(static_key(f"extra-{i}")[1], allowed_ips=[f"10.9.{i}.0/24"],
+                                 endpoint=("192.0.2.99", 51820))
+        a.device.initiate(peer, 0.0)
+    assert a.device.next_wakeup(0.0, 0.1, 60.0) == 0.1
