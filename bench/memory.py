@@ -212,22 +212,13 @@ def fill_registry(db_path: str, rows: int, keepalive: int = 25, publics=()) -> N
 # -------------------------------------------------------------------------------- laptops
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def icmp_echo(src: str, dst: str, ident: int) -> bytes:
     """An IPv4 ICMP echo request from `src` to `dst`."""
+    from tests.enginenet import checksum, ipv4
+
     icmp = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"pytun bench"
-    icmp = icmp[:2] + struct.pack("!H", _checksum(icmp)) + icmp[4:]
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), ident, 0x4000, 64, 1, 0,
-                         ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
-    return header[:10] + struct.pack("!H", _checksum(header)) + header[12:] + icmp
+    icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
+    return ipv4(src, dst, icmp, proto=1)
 
 
 def is_echo_reply(packet: bytes, src: str) -> bool:

@@ -52,8 +52,11 @@ def static_key(seed) -> tuple[bytes, bytes]:
     return private, DH_pubkey(private)
 
 
-def _checksum(header: bytes) -> int:
-    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+def checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of `data`, as IPv4, ICMP and UDP headers carry it."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -63,7 +66,7 @@ def ipv4(src: str, dst: str, payload: bytes = b"", proto: int = 17) -> bytes:
     """An IPv4 packet (20-byte header, correct total length and checksum) around `payload`."""
     header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0x4000, 64, proto, 0,
                          ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
-    header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+    header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
     return header + payload
 
 
