@@ -119,7 +119,7 @@ _AEAD_MAX = _sodium.crypto_aead_chacha20poly1305_ietf_MESSAGEBYTES_MAX
 def AEAD(key: bytes, counter: int, plaintext: bytes, ad: bytes) -> bytes:
     size = len(plaintext)
     if len(key) != KEY_LEN or size > _AEAD_MAX:
-        raise CryptoFailure("ChaCha20-Poly1305 takes a 32-byte key")
+        raise CryptoFailure("ChaCha20-Poly1305 takes a 32-byte key and a message under its limit")
     out = _ffi.new(_UCHARS, size + TAG_LEN)
     _lib.crypto_aead_chacha20poly1305_ietf_encrypt(out, _ffi.NULL, plaintext, size, ad, len(ad),
                                                     _ffi.NULL, _NONCE.pack(counter), key)
