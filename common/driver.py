@@ -128,7 +128,7 @@ class Driver:
         self.tun_fd = tun_fd
         self.sock = sock
         self.on_event = on_event
-        self.tick_interval = TICK  # seconds between the device's timer checks
+        self.tick_interval = TICK  # seconds between timer checks with many peers armed
         self.lock = threading.Lock()  # held by the data thread while it works on the device
         self._wake = -1  # eventfd that wakes the data thread, while it runs
         self._stopping = False
@@ -206,12 +206,13 @@ class Driver:
             except trio.RunFinishedError:
                 pass
 
-    # One thread waits on a level-triggered epoll for the UDP socket, the TUN device and a wake-up
-    # eventfd, with the next timer check as its timeout (Device.next_wakeup: an idle laptop
-    # sleeps until its next keepalive or rekey, a hub checks every TICK). Each wake-up drains the ready descriptor
-    # with non-blocking calls, carries out the results, then drains the other one without waiting:
-    # a packet written to the TUN device often makes the kernel answer at once (a TCP ACK), and
-    # picking that up now saves a wakeup, which costs several times what the packet itself does.
+    # One thread waits on a level-triggered epoll for the UDP socket, the TUN device and a
+    # wake-up eventfd, with the next timer check as its timeout (Device.next_wakeup: an idle
+    # laptop sleeps until its next keepalive or rekey, a busy hub checks every TICK). Each
+    # wake-up drains the ready descriptor with non-blocking calls, carries out the results, then
+    # drains the other one without waiting: a packet written to the TUN device often makes the
+    # kernel answer at once (a TCP ACK), and picking that up now saves a wakeup, which costs
+    # several times what the packet itself does.
     # The trio side (control socket, registry) changes the device only under `self.lock`.
 
     def _loop(self) -> None:
