@@ -163,6 +163,18 @@ def link_exists(ifname: str) -> bool:
         return bool(ipr.link_lookup(ifname=check_ifname(ifname)))
 
 
+def link_kind(ifname: str) -> str | None:
+    """'tun', 'veth', 'bridge', ... for an existing interface, '' for one without a kind
+    (e.g. a physical NIC), None when there is no such interface."""
+    with _netlink(f"cannot look up {ifname}") as ipr:
+        found = ipr.link_lookup(ifname=check_ifname(ifname))
+        if not found:
+            return None
+        link = ipr.link("get", index=found[0])[0]
+        info = link.get_attr("IFLA_LINKINFO")
+        return (info.get_attr("IFLA_INFO_KIND") if info is not None else None) or ""
+
+
 def delete_link(ifname: str) -> None:
     """Delete the interface; an absent one is not an error."""
     with _netlink(f"cannot delete {ifname}", ignore=(errno.ENODEV,)) as ipr:

@@ -20,7 +20,8 @@ import time
 
 from pytun.common import __version__, cli, config, keys
 
-from . import control, state
+from . import control, policy, state
+from .policy import PolicyError
 from .registry import Peer, RegistryError, SqliteRegistry
 
 PROG = "pytun-admin"
@@ -47,7 +48,13 @@ def _networks(values: list[str] | None, what: str) -> list:
 
 def _open(args) -> tuple[state.HubSettings, SqliteRegistry]:
     settings = state.load_settings(args.state_dir)
-    return settings, SqliteRegistry(state.registry_path(args.state_dir), create=False)
+    registry = SqliteRegistry(state.registry_path(args.state_dir), create=False)
+    try:  # a registry from before access rules gets the rules that keep its behaviour
+        registry.ensure_default_rules(policy.default_rules(settings))
+    except BaseException:
+        registry.close()
+        raise
+    return settings, registry
 
 
 def _sync(args) -> None:
@@ -132,7 +139,8 @@ def cmd_add_peer(args) -> int:
             address = registry.allocate_address(settings.subnet, reserved)
         peer = Peer(name=args.name, public_key=keys.encode_key(public), address=address,
                     sites=_networks(args.site, "site"), full_tunnel=args.full_tunnel,
-                    keepalive=keepalive, preshared_key=psk and keys.encode_key(psk))
+                    keepalive=keepalive, preshared_key=psk and keys.encode_key(psk),
+                    groups=_csv(args.group))
         text = config.render(_peer_config(settings, hub_public, peer, private, psk),
                              placeholder_public_key=None if private else public)
         qr = _qr_text(text) if args.qr else None
@@ -193,11 +201,13 @@ def cmd_list_peers(args) -> int:
             "name": p.name, "address": str(p.address), "public_key": p.public_key,
             "disabled": p.disabled, "sites": [str(s) for s in p.sites],
             "full_tunnel": p.full_tunnel, "keepalive": p.keepalive, "created": p.created,
+            "groups": policy.groups_of(p),
         } for p in peers], indent=2))
     elif peers:
-        sys.stdout.write(_table(["NAME", "ADDRESS", "PUBLIC KEY", "STATE", "SITES"], [
+        sys.stdout.write(_table(["NAME", "ADDRESS", "PUBLIC KEY", "STATE", "GROUPS", "SITES"], [
             [p.name, str(p.address.ip), p.public_key, "disabled" if p.disabled else "enabled",
-             ", ".join(str(s) for s in p.sites) or "-"] for p in peers]))
+             ",".join(p.groups) or "-", ", ".join(str(s) for s in p.sites) or "-"]
+            for p in peers]))
     else:
         print("no peers; add one with pytun-admin add-peer NAME", file=sys.stderr)
     return 0
@@ -250,6 +260,188 @@ def cmd_show(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------- access
+
+DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> int:
+    """'90s', '30m', '12h', '30d', '2w' -> seconds."""
+    unit = text[-1:].lower()
+    try:
+        n = int(text[:-1]) if unit in DURATION else None
+    except ValueError:
+        n = None
+    if n is None or n <= 0:
+        raise AdminError(f"bad duration {text!r}: a number and s, m, h, d or w, e.g. 30d")
+    return n * DURATION[unit]
+
+
+def parse_time(text: str) -> int:
+    """ISO 8601 to the second with a UTC offset or Z -> unix seconds."""
+    import datetime
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise AdminError(f"bad time {text!r}: use e.g. 2026-12-31T18:00:00Z or "
+                         "2026-12-31T19:00:00+01:00")
+    return int(when.timestamp())
+
+
+def _expiry(args) -> int | None:
+    if args.expires and args.ttl:
+        raise AdminError("give --expires or --ttl, not both")
+    if args.ttl:
+        return int(time.time()) + parse_duration(args.ttl)
+    if args.expires:
+        when = parse_time(args.expires)
+        if when <= time.time():
+            raise AdminError(f"--expires {args.expires} is in the past")
+        return when
+    return None
+
+
+def _when(ts: int | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def cmd_access_list(args) -> int:
+    _, registry = _open(args)
+    with registry:
+        rules = registry.rules()
+    now = time.time()
+    if args.json:
+        print(json.dumps([{
+            "id": r.id, "source": r.source, "destination": r.destination,
+            "protocol": r.protocol, "ports": list(r.ports) if r.ports else None,
+            "expires": r.expires, "active": r.active(now), "comment": r.comment,
+        } for r in rules], indent=2))
+    elif rules:
+        sys.stdout.write(_table(["ID", "SOURCE", "DESTINATION", "SERVICE", "EXPIRES", "COMMENT"], [
+            [str(r.id), r.source, r.destination, r.service(),
+             _when(r.expires) + ("" if r.active(now) else " (expired)"), r.comment or "-"]
+            for r in rules]))
+        print("anything else from laptops is dropped; replies to allowed traffic pass",
+              file=sys.stderr)
+    else:
+        print("no access rules: laptops reach nothing through the hub (default deny)",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_access_add(args) -> int:
+    rule = policy.parse_rule(args.source, args.destination, args.service,
+                             expires=_expiry(args), comment=args.comment or "")
+    _, registry = _open(args)
+    with registry:
+        rule = registry.add_rule(rule)
+    print(f"rule {rule.id} added: {rule.text()}"
+          + (f" until {_when(rule.expires)}" if rule.expires else ""))
+    _sync(args)
+    return 0
+
+
+def cmd_access_remove(args) -> int:
+    _, registry = _open(args)
+    with registry:
+        rule = registry.remove_rule(args.id)
+    print(f"rule {rule.id} removed: {rule.text()}")
+    _sync(args)
+    return 0
+
+
+def _local_addresses() -> set:
+    """Every address of this host's network namespace (the hub's own)."""
+    import subprocess
+    done = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True,
+                          timeout=10)
+    found = set()
+    for link in json.loads(done.stdout or "[]"):
+        for a in link.get("addr_info", []):
+            found.add(ipaddress.ip_address(a["local"]))
+    return found
+
+
+def _route_dev(ip) -> str | None:
+    import subprocess
+    done = subprocess.run(["ip", "-j", "route", "get", str(ip)], capture_output=True,
+                          text=True, timeout=10)
+    try:
+        return json.loads(done.stdout)[0].get("dev") if done.returncode == 0 else None
+    except (ValueError, IndexError):
+        return None
+
+
+def cmd_access_explain(args) -> int:
+    settings, registry = _open(args)
+    with registry:
+        peers, rules = registry.list(), registry.rules()
+    view = policy.HubView.from_settings(settings)
+    local = _local_addresses() | set(view.hub_addresses)
+    egress = settings.egress
+    if egress is None:
+        from pytun.common import linux
+        egress = linux.default_route_interface(4)
+
+    def via_egress(ip) -> bool:
+        return egress is not None and _route_dev(ip) == egress
+
+    verdict = policy.explain(peers, rules, args.peer, args.destination, args.service,
+                             time.time(), is_local=lambda ip: ip in local, via_egress=via_egress)
+    if args.json:
+        print(json.dumps({"allowed": verdict.allowed, "reason": verdict.reason,
+                          "rule": verdict.rule.id if verdict.rule else None}))
+    else:
+        print(verdict.text())
+    return 0 if verdict.allowed else 3
+
+
+def cmd_group_list(args) -> int:
+    _, registry = _open(args)
+    with registry:
+        groups, peers = registry.groups(), registry.list()
+    rows = [(name, comment, [p.name for p in policy.members(peers, name)]) for name, comment
+            in groups]
+    if args.json:
+        print(json.dumps([{"name": n, "comment": c, "members": m} for n, c, m in rows], indent=2))
+    else:
+        sys.stdout.write(_table(["GROUP", "MEMBERS", "COMMENT"], [
+            [n, ",".join(m) or "-", c or "-"] for n, c, m in rows]))
+    return 0
+
+
+def cmd_group_add(args) -> int:
+    _, registry = _open(args)
+    with registry:
+        registry.add_group(args.name, args.comment or "")
+    print(f"group {args.name} added")
+    return 0
+
+
+def cmd_group_remove(args) -> int:
+    _, registry = _open(args)
+    with registry:
+        members = registry.remove_group(args.name)
+    print(f"group {args.name} removed" + (f"; it held {', '.join(members)}" if members else ""))
+    _sync(args)
+    return 0
+
+
+def cmd_set_groups(args) -> int:
+    groups = _csv([args.groups])
+    _, registry = _open(args)
+    with registry:
+        registry.set_groups(args.name, groups)
+        peer = registry.get(args.name)
+    print(f"peer {peer.name} is in {', '.join(policy.groups_of(peer))}")
+    _sync(args)
+    return 0
+
+
 # ---------------------------------------------------------------------------------- parser
 
 
@@ -296,6 +488,56 @@ def build_parser() -> argparse.ArgumentParser:
                     help="add a preshared key (extra post-quantum margin)")
     sp.add_argument("-o", "--output", metavar="FILE", help="write the config to FILE (mode 0600)")
     sp.add_argument("--qr", action="store_true", help="print the config as a terminal QR code")
+    sp.add_argument("--group", action="append", metavar="GROUP,...",
+                    help="groups the peer is in (created if new); access rules name groups")
+
+    sp = add("set-groups", cmd_set_groups, "put a peer in exactly these groups")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("groups", metavar="GROUP,...", help="comma-separated; '' for none")
+
+    access = sub.add_parser("access", help="access rules: what laptops may reach through the hub",
+                            description="Access rules: the hub drops everything from laptops that"
+                            " no rule allows (replies to allowed traffic pass).")
+    access_sub = access.add_subparsers(dest="access_command", required=True, metavar="COMMAND")
+
+    def add_access(name: str, fn, help: str) -> argparse.ArgumentParser:
+        sp = access_sub.add_parser(name, parents=[common], help=help, description=help)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add_access("list", cmd_access_list, "list the access rules")
+    sp.add_argument("--json", action="store_true")
+    sp = add_access("add", cmd_access_add, "allow a group or peer to reach a destination")
+    sp.add_argument("source", metavar="SOURCE", help="a group, or peer:NAME")
+    sp.add_argument("destination", metavar="DESTINATION",
+                    help="a CIDR or address, hub, internet, a group, or peer:NAME")
+    sp.add_argument("service", metavar="SERVICE", nargs="?",
+                    help="tcp/PORT, udp/FIRST-LAST, icmp, tcp, udp (default: any)")
+    sp.add_argument("--expires", metavar="TIME", help="until this time (2026-12-31T18:00:00Z)")
+    sp.add_argument("--ttl", metavar="DURATION", help="for this long (90m, 12h, 30d)")
+    sp.add_argument("--comment", metavar="TEXT")
+    sp = add_access("remove", cmd_access_remove, "remove an access rule")
+    sp.add_argument("id", metavar="ID", type=int)
+    sp = add_access("explain", cmd_access_explain,
+                    "would the hub let a peer reach an address? (exit 0 allow, 3 deny)")
+    sp.add_argument("peer", metavar="PEER")
+    sp.add_argument("destination", metavar="ADDRESS")
+    sp.add_argument("service", metavar="SERVICE", nargs="?", help="tcp/5432, udp/53, icmp")
+    sp.add_argument("--json", action="store_true")
+
+    group = sub.add_parser("group", help="peer groups", description="Peer groups.")
+    group_sub = group.add_subparsers(dest="group_command", required=True, metavar="COMMAND")
+    for name, fn, what in (("list", cmd_group_list, "list groups and their members"),
+                           ("add", cmd_group_add, "create a group"),
+                           ("remove", cmd_group_remove, "remove a group no rule names")):
+        sp = group_sub.add_parser(name, parents=[common], help=what, description=what)
+        sp.set_defaults(fn=fn)
+        if name == "list":
+            sp.add_argument("--json", action="store_true")
+        else:
+            sp.add_argument("name", metavar="NAME")
+        if name == "add":
+            sp.add_argument("--comment", metavar="TEXT")
 
     for name, fn, what in (("remove-peer", cmd_remove_peer, "remove a peer for good"),
                            ("disable-peer", cmd_disable_peer, "keep a peer but refuse it"),
@@ -317,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     args.state_dir = state.resolve_state_dir(args.state_dir)
     return cli.run(PROG, args.fn, args, (AdminError, RegistryError, state.StateError, keys.BadKey,
-                                         config.ConfigError, control.ControlError))
+                                         config.ConfigError, control.ControlError, PolicyError))
 
 
 if __name__ == "__main__":

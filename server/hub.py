@@ -19,7 +19,7 @@ import trio
 from ..common import keys, linux
 from ..common.device import Device
 from ..common.driver import Driver, endpoint_for, format_endpoint, open_udp
-from . import control, nat, state
+from . import control, nat, policy, state
 from .registry import Registry, RegistryError
 
 log = logging.getLogger("pytun")
@@ -27,6 +27,7 @@ log = logging.getLogger("pytun")
 REGISTRY_POLL = 1.0
 REDIAL_WITHIN = 600.0  # after a restart, re-dial laptops seen in the last ten minutes
 RECORD_EVERY = 300  # seconds between stored handshake times of a laptop that stays put
+FIREWALL_RETRY = 5.0  # seconds before a failed live firewall change is tried again
 
 
 class StartupError(Exception):
@@ -52,6 +53,11 @@ class Hub:
         self.sock = None
         self._token = None
         self._recorded: dict[str, tuple] = {}  # name -> (endpoint, handshake time) stored
+        self.view: policy.HubView | None = None  # known once the egress is looked up
+        self.wanted: dict[int, dict] = {}  # family -> the firewall plan the registry asks for
+        self.applied: dict[int, dict] = {}  # family -> the plan the kernel holds
+        self._expiry: float | None = None  # when the next access rule expires
+        self._firewall_changed: trio.Event | None = None
 
     # -- registry ------------------------------------------------------------------------------
 
@@ -62,11 +68,44 @@ class Hub:
         return self.driver.locked()
 
     def sync(self) -> tuple[list[str], list[str]]:
-        """Apply the registry to the device. Returns (added, removed) peer names."""
+        """Apply the registry to the device and plan the firewall for it (`apply_firewall`
+        carries the plan out). Returns (added, removed) peer names."""
         self._token = self.registry.change_token()
-        wanted = {r.name: r for r in self.registry.list() if not r.disabled}
+        records = self.registry.list()
+        wanted = {r.name: r for r in records if not r.disabled}
+        if self.view is not None:
+            self._plan(records, self.registry.rules())
         with self._device():
+            if self.view is not None:
+                self.device.allow_peer_to_peer = self._reaches_peers
             return self._apply(wanted)
+
+    def _plan(self, records, rules) -> None:
+        now = time.time()
+        self.wanted = {}
+        for family in (4, 6):
+            p = policy.plan(self.view, records, rules, now, family)
+            if p is not None:
+                self.wanted[family] = p.to_dict()
+        self._reaches_peers = policy.reaches_peers(self.view, records, rules, now)
+        self._expiry = policy.next_expiry(rules, now)
+        if self._firewall_changed is not None and self.wanted != self.applied:
+            self._firewall_changed.set()
+
+    async def apply_firewall(self) -> None:
+        """Carry out the planned firewall in the kernel, in a process of its own per family
+        (the hub's process has threads, and python-iptables keeps one family per process)."""
+        for family, plan in list(self.wanted.items()):
+            if self.applied.get(family) == plan:
+                continue
+            try:
+                await trio.to_thread.run_sync(nat.apply_apart, plan)
+            except nat.NatError as exc:
+                raise control.ControlError(f"firewall change failed: {exc}") from None
+            self.applied[family] = plan
+            log.info("firewall: IPv%d access rules applied (%d rules)", family,
+                     len(plan["chains"][policy.chain(self.view.interface, "POL")]) -
+                     len(policy.SPECIAL[family]))
 
     def _apply(self, wanted: dict) -> tuple[list[str], list[str]]:
         added, removed = [], []
@@ -168,8 +207,13 @@ class Hub:
                 self.sync()
             except RegistryError as exc:
                 raise control.ControlError(str(exc)) from None
-            return []
+            return self._sync_firewall()
         raise control.ControlError(f"unknown request {' '.join(keys_)!r}")
+
+    async def _sync_firewall(self):
+        """The answer to sync=1 waits until the kernel holds the new rules."""
+        await self.apply_firewall()
+        return []
 
     # -- running --------------------------------------------------------------------------------
 
@@ -179,7 +223,7 @@ class Hub:
             tun_fd, ifname = linux.open_tun(s.interface, vnet_hdr=True)
         except linux.LinuxError as exc:
             raise StartupError(str(exc)) from None
-        firewall = None
+        firewall: list[int] = []  # families whose rules may be in the kernel
         try:
             # Link and firewall steps run in a forked child (linux.run_apart): pyroute2 and
             # python-iptables then never load into the long-running hub.
@@ -190,13 +234,22 @@ class Hub:
                 raise StartupError(getattr(exc, "strerror", None) or str(exc)) from None
             for warning in nat.backend_warnings():
                 log.warning("%s", warning)
-            firewall = nat.Nat(interface=ifname, subnets=[s.subnet], egress=s.egress, mtu=s.mtu,
-                               state_dir=self.state_dir)
             try:
-                linux.run_apart(firewall.setup)
-            except (nat.NatError, linux.LinuxError) as exc:
-                raise StartupError(f"firewall set-up failed: {exc}") from None
+                egress = linux.run_apart(_egress_interfaces, s.egress)
+            except linux.LinuxError as exc:
+                raise StartupError(str(exc)) from None
+            self.view = policy.HubView.from_settings(s, *egress)
+            if self.registry.ensure_default_rules(policy.default_rules(s)):
+                log.info("access rules: the defaults were written (pytun-admin access list)")
             self.sync()
+            for family, plan in self.wanted.items():
+                firewall.append(family)
+                try:
+                    for warning in linux.run_apart(nat.setup, plan):
+                        log.warning("%s", warning)
+                except (nat.NatError, linux.LinuxError) as exc:
+                    raise StartupError(f"firewall set-up failed: {exc}") from None
+                self.applied[family] = plan
             driver = Driver(self.device, tun_fd, self.sock, on_event=self.on_event,
                             sticky=True, vnet_hdr=True)
             self._redial(driver.now(), time.time())
@@ -206,6 +259,8 @@ class Hub:
                 await nursery.start(control.serve, state.socket_path(self.state_dir),
                                     self.handle_control)
                 nursery.start_soon(self._poll_registry)
+                self._firewall_changed = trio.Event()
+                nursery.start_soon(self._firewall_loop)
                 log.info("hub up: %s %s, UDP port %d, %d peers", ifname, s.address,
                          s.listen_port, len(self.peers))
                 task_status.started()
@@ -215,9 +270,9 @@ class Hub:
                         break
                 nursery.cancel_scope.cancel()
         finally:
-            if firewall is not None:
+            for family in firewall:
                 try:
-                    linux.run_apart(firewall.teardown)
+                    linux.run_apart(nat.teardown, s.interface, family)
                 except (nat.NatError, linux.LinuxError) as exc:
                     log.error("firewall tear-down failed: %s", exc)
             if self.sock is not None:
@@ -228,8 +283,31 @@ class Hub:
         while True:
             await trio.sleep(REGISTRY_POLL)
             try:
-                if self.registry.change_token() != self._token:
+                expired = self._expiry is not None and time.time() >= self._expiry
+                if expired or self.registry.change_token() != self._token:
                     self.sync()
             except RegistryError as exc:
                 log.warning("registry check failed: %s", exc)
+
+    async def _firewall_loop(self) -> None:
+        """Live changes (a registry poll, an expired rule) reach the kernel from here."""
+        while True:
+            await self._firewall_changed.wait()
+            self._firewall_changed = trio.Event()
+            try:
+                await self.apply_firewall()
+            except control.ControlError as exc:
+                log.error("%s; trying again in %.0f s", exc, FIREWALL_RETRY)
+                await trio.sleep(FIREWALL_RETRY)
+                self._firewall_changed.set()
+
+
+def _egress_interfaces(egress: str | None) -> tuple[str | None, str | None]:
+    """(IPv4, IPv6) egress: the one configured, which must exist, else each default route's."""
+    if egress is not None:
+        if not linux.link_exists(egress):
+            raise linux.LinuxError(f"egress interface {egress} does not exist (pytun-admin init"
+                                   " --egress, or egress in hub.json)")
+        return egress, egress
+    return linux.default_route_interface(4), linux.default_route_interface(6)
 

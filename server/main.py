@@ -32,13 +32,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cleanup(state_dir: str) -> None:
-    nat.cleanup(state_dir)
     try:
         settings = state.load_settings(state_dir)
     except state.StateError:
         settings = None
-    if settings is not None and linux.link_exists(settings.interface):
-        linux.delete_link(settings.interface)
+    if settings is not None:  # without settings, which hub's rules they are is unknown
+        nat.cleanup(settings.interface, state_dir)
+    if settings is not None:
+        kind = linux.link_kind(settings.interface)
+        if kind == "tun":
+            linux.delete_link(settings.interface)
+        elif kind is not None:
+            log.warning("left %s alone: it is a %s device, not the hub's TUN device",
+                        settings.interface, kind or "physical")
     try:
         os.unlink(state.socket_path(state_dir))
     except FileNotFoundError:

@@ -1,57 +1,60 @@
 """Every firewall and sysctl change the hub makes, through this one module.
 
-Like sshuttle, pytun keeps its rules in chains of its own and setup is "remove leftovers, then
-create", so a restart after a crash never duplicates anything:
+`policy.plan()` says what one hub wants in one address family's netfilter (its chains, their
+rules, the jumps to them, its ipsets); this module makes the kernel hold exactly that, and
+nothing of anyone else's is touched:
 
-    filter  FORWARD     -m comment --comment pytun -j PYTUN-FORWARD        (inserted first)
-            PYTUN-FORWARD  -i TUN -o EGRESS -j ACCEPT
-                           -i EGRESS -o TUN -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
-    nat     POSTROUTING -m comment --comment pytun -j PYTUN-POSTROUTING
-            PYTUN-POSTROUTING  -s SUBNET -o EGRESS -j MASQUERADE           (one per subnet)
-    mangle  FORWARD     -m comment --comment pytun -j PYTUN-MSS
-            PYTUN-MSS   -o TUN -p tcp --tcp-flags SYN,RST SYN -j TCPMSS --clamp-mss-to-pmtu
-                        -i TUN -p tcp --tcp-flags SYN,RST SYN -j TCPMSS --set-mss MTU-40
-
-Peer-to-peer traffic (TUN to TUN) is not accepted here: the hub engine decides it. Foreign rules
-and their order are never touched. Forwarding is switched on with its old value kept in
-STATE_DIR/ip_forward.saved (written once, so a crash and restart still remember the original)
-and restored by teardown or `cleanup(state_dir)`.
+- Chains are named `PYTUN-TAG-SUFFIX` (TAG is the hub's TUN interface, unique in a network
+  namespace), ipsets `pt-TAG-HASH-FAMILY`; jumps from the built-in chains carry the comment
+  `pytun:TAG`. Names are compared exactly, so hub `pt` never takes hub `pt-a`'s sets, and an
+  operator's rule that merely mentions pytun is never removed.
+- `apply` is "make it so": it creates what is missing, refills every chain of ours in one commit
+  per table (libiptc replaces a table atomically), swaps each ipset's content in at once, then
+  removes what the plan no longer has. So set-up after a crash, and every live change, are the
+  same call. Each commit holds the xtables lock (/run/xtables.lock), as `iptables -w` does.
+- Forwarding: a hub that finds `ip_forward` (or IPv6 `forwarding`) off switches it on and
+  creates the shared chain PYTUN-ISOLATE, jumped from FORWARD after every hub's own jump, which
+  drops all forwarding that no hub's chain decided: the host does not start routing between
+  its other interfaces. The last hub to stop in a namespace removes it and switches forwarding
+  off again; the chain is the record that pytun switched it on, so this also works after a crash
+  (`cleanup`). A host that forwarded before keeps forwarding as it did.
 
 python-iptables drives libiptc, i.e. the legacy tables (`iptables-legacy-save` shows them), in
-the network namespace of this process. Each table is changed in one commit. IPv4 only: libxtables
-keeps one address family per process (python-iptables' own advice), and loading an IPv6
-extension first makes later IPv4 targets such as MASQUERADE unfindable; IPv6 subnets are left
-out with a warning.
+the network namespace of this process, and libxtables keeps one address family per process: so
+each family's plan is carried out in a process of its own (`linux.run_apart` at start and stop,
+`python -m pytun.server.nat apply` for live changes). ipsets are made through pyroute2.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
+import fcntl
+import json
 import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
+import sys
 import warnings
 from typing import Iterator
 
-from pytun.common import linux
+from . import policy
 
 log = logging.getLogger(__name__)
 
-COMMENT = "pytun"
-PREFIX = "PYTUN-"
-FORWARD_CHAIN = "PYTUN-FORWARD"
-NAT_CHAIN = "PYTUN-POSTROUTING"
-MSS_CHAIN = "PYTUN-MSS"
-# (table, built-in chain that jumps, our chain)
-JUMPS = (("filter", "FORWARD", FORWARD_CHAIN), ("nat", "POSTROUTING", NAT_CHAIN),
-         ("mangle", "FORWARD", MSS_CHAIN))
-IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
-SAVED = "ip_forward.saved"
-TCP_IP_HEADERS = 40
+TABLES = ("raw", "mangle", "nat", "filter")
+BUILTINS = {"raw": ("PREROUTING", "OUTPUT"),
+            "mangle": ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"),
+            "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+            "filter": ("INPUT", "FORWARD", "OUTPUT")}
+FORWARDING = {4: "/proc/sys/net/ipv4/ip_forward", 6: "/proc/sys/net/ipv6/conf/all/forwarding"}
+ISOLATE_COMMENT = "pytun:isolate"
+LEGACY_CHAINS = {"filter": "PYTUN-FORWARD", "nat": "PYTUN-POSTROUTING", "mangle": "PYTUN-MSS"}
+LEGACY_SAVED = "ip_forward.saved"
+XTABLES_LOCK = "/run/xtables.lock"
 
 
 class NatError(Exception):
@@ -79,44 +82,251 @@ def _firewall(what: str) -> Iterator[None]:
         raise NatError(f"{what}: {exc}") from None
 
 
-def _table(name: str):
+@contextlib.contextmanager
+def _xtables_lock() -> Iterator[None]:
+    """The lock `iptables -w` takes, so a table is never read and written back around
+    another program's change. Without /run (a sandbox), go on without it."""
+    try:
+        fd = os.open(XTABLES_LOCK, os.O_RDONLY | os.O_CREAT, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _table(family: int, name: str):
     """A fresh view of one table, with changes held until commit()."""
     iptc = _iptc()
-    with _firewall(f"cannot open the iptables {name} table"):
-        table = iptc.Table(name, autocommit=False)
+    with _firewall(f"cannot open the ip{'6' if family == 6 else ''}tables {name} table"):
+        table = (iptc.Table6 if family == 6 else iptc.Table)(name, autocommit=False)
         table.refresh()  # tables are per-process singletons: drop any stale view
     return table
 
 
-def _is_ours(rule) -> bool:
-    if rule.target is not None and (rule.target.name or "").startswith(PREFIX):
-        return True
-    return any(m.name == "comment" and m.get_all_parameters().get("comment") == [COMMENT]
-               for m in rule.matches)
-
-
-def _remove_rules() -> None:
-    """Remove every jump carrying our comment (or aimed at our chains), then our chains."""
+def _new_rule(family: int):
     iptc = _iptc()
-    for name in ("filter", "nat", "mangle"):
-        table = _table(name)
-        with _firewall(f"cannot remove pytun's rules from the {name} table"):
-            for chain in table.chains:
-                if table.builtin_chain(chain.name):
-                    for rule in chain.rules:
-                        if _is_ours(rule):
-                            chain.delete_rule(rule)
-            for chain in table.chains:
-                if chain.name.startswith(PREFIX):
-                    chain.flush()
-                    try:
-                        chain.delete()
-                    except iptc.IPTCError as exc:  # EBUSY: still referenced
-                        raise NatError(f"cannot delete chain {chain.name} of the {name} table:"
-                                       f" {exc} (does a rule pytun did not create jump to it?)"
-                                       ) from None
+    return iptc.Rule6() if family == 6 else iptc.Rule()
+
+
+def _build(family: int, spec: dict):
+    """A python-iptables rule from a policy rule dict, matches in `policy.render`'s order."""
+    iptc = _iptc()
+    rule = _new_rule(family)
+    for key, attr in (("src", "src"), ("dst", "dst"), ("in", "in_interface"),
+                      ("out", "out_interface"), ("proto", "protocol")):
+        if spec.get(key):
+            setattr(rule, attr, spec[key])
+    if spec.get("comment"):
+        rule.create_match("comment").comment = spec["comment"]
+    if spec.get("ctstate"):
+        match = rule.create_match("conntrack")
+        match.ctstate = spec["ctstate"]
+        if spec.get("ctdir"):
+            match.ctdir = spec["ctdir"]
+    if spec.get("addrtype"):
+        rule.create_match("addrtype").dst_type = spec["addrtype"]
+    for key, direction in (("set_src", "src"), ("set_dst", "dst")):
+        if spec.get(key):
+            rule.create_match("set").match_set = [spec[key], direction]
+    if spec.get("sport") or spec.get("dport") or spec.get("tcp_flags"):
+        match = rule.create_match(spec["proto"])
+        if spec.get("sport"):
+            match.sport = spec["sport"]
+        if spec.get("dport"):
+            match.dport = spec["dport"]
+        if spec.get("tcp_flags"):
+            match.tcp_flags = list(spec["tcp_flags"])
+    rule.target = iptc.Target(rule, spec["target"])
+    if spec.get("to_ports"):
+        rule.target.to_ports = spec["to_ports"]
+    if spec.get("set_mss"):
+        rule.target.set_mss = spec["set_mss"]
+    if spec.get("clamp_mss_to_pmtu"):
+        rule.target.clamp_mss_to_pmtu = ""
+    return rule
+
+
+def _comment_of(rule) -> str | None:
+    for m in rule.matches:
+        if m.name == "comment":
+            value = m.get_all_parameters().get("comment")
+            return value[0] if value else None
+    return None
+
+
+def _our_chains(tag: str, table: str) -> set[str]:
+    return {policy.chain(tag, s) for s, t in policy.CHAINS.items() if t == table}
+
+
+def _hub_tags(table) -> set[str]:
+    """The tags of every hub with a forward chain in this filter table."""
+    return {m[1] for c in table.chains if (m := re.fullmatch(r"PYTUN-(.+)-FWD", c.name))}
+
+
+# ------------------------------------------------------------------------------ ipsets
+
+
+def _ipset():
+    from pyroute2.ipset import IPSet  # loaded only in the set-up process
+    return IPSet()
+
+
+def _set_names(ips) -> set[str]:
+    return {m.get_attr("IPSET_ATTR_SETNAME") for m in ips.list()}
+
+
+def _is_our_set(name: str, tag: str, family: int) -> bool:
+    return name.startswith(f"pt-{tag}-") and bool(
+        re.fullmatch(r"[0-9a-f]{8}-" + str(family), name[len(f"pt-{tag}-"):]))
+
+
+def _fill_sets(family: int, sets: dict[str, list[str]]) -> None:
+    """Each set holds exactly its entries afterwards; a set in use changes in one swap."""
+    af = socket.AF_INET6 if family == 6 else socket.AF_INET
+    try:
+        with _ipset() as ips:
+            existing = _set_names(ips)
+            for name, entries in sets.items():
+                target = name if name not in existing else name + "t"
+                if target in existing:  # a swap a crash cut short
+                    ips.destroy(target)
+                ips.create(target, stype="hash:net", family=af, maxelem=max(65536, len(entries)))
+                for entry in entries:
+                    ips.add(target, entry, etype="net", family=af)
+                if target != name:
+                    ips.swap(target, name)
+                    ips.destroy(target)
+    except NatError:
+        raise
+    except Exception as exc:  # NetlinkError and the like
+        raise NatError(f"cannot write the ipsets: {exc} (is the ip_set module available?)"
+                       ) from None
+
+
+def _drop_sets(tag: str, family: int, keep=()) -> None:
+    try:
+        with _ipset() as ips:
+            for name in _set_names(ips):
+                if (_is_our_set(name, tag, family) or _is_our_set(name[:-1], tag, family)
+                        and name.endswith("t")) and name not in keep:
+                    ips.destroy(name)
+    except Exception as exc:
+        raise NatError(f"cannot remove the ipsets of {tag}: {exc}") from None
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+def _remove_jumps(table, builtin_rules, targets: set[str]) -> None:
+    for chain_name, rules in builtin_rules:
+        chain = _iptc().Chain(table, chain_name)
+        for rule in rules:
+            if rule.target is not None and rule.target.name in targets:
+                chain.delete_rule(rule)
+
+
+def _builtin_rules(table, name: str):
+    out = []
+    for chain_name in BUILTINS[name]:
+        if table.is_chain(chain_name):
+            out.append((chain_name, list(_iptc().Chain(table, chain_name).rules)))
+    return out
+
+
+def _delete_chains(table, names) -> None:
+    """Flush them all first: our chains jump to each other."""
+    iptc = _iptc()
+    names = [n for n in names if table.is_chain(n)]
+    for name in names:
+        iptc.Chain(table, name).flush()
+    for name in names:
+        try:
+            iptc.Chain(table, name).delete()
+        except iptc.IPTCError as exc:  # EBUSY: still referenced
+            raise NatError(f"cannot delete chain {name}: {exc} (does a rule pytun did not"
+                           " create jump to it?)") from None
+
+
+def _apply_table(p: policy.Plan, name: str, isolate: bool) -> None:
+    iptc = _iptc()
+    family = p.family
+    wanted = {c: rules for c, rules in p.chains.items() if p.table_of(c) == name}
+    ours = _our_chains(p.tag, name)
+    with _xtables_lock():
+        table = _table(family, name)
+        with _firewall(f"cannot write pytun's rules to the {name} table"):
+            builtin = _builtin_rules(table, name)
+            # Jumps to chains of ours that the plan no longer has go first, then the chains.
+            stale = {c for c in ours if c not in wanted and table.is_chain(c)}
+            _remove_jumps(table, builtin, stale)
+            for chain_name in wanted:
+                if not table.is_chain(chain_name):
+                    table.create_chain(chain_name)
+            for chain_name, rules in wanted.items():
+                chain = iptc.Chain(table, chain_name)
+                chain.flush()
+                for spec in rules:
+                    chain.append_rule(_build(family, spec))
+            if isolate and name == "filter" and not table.is_chain(policy.ISOLATE):
+                table.create_chain(policy.ISOLATE)
+                iptc.Chain(table, policy.ISOLATE).append_rule(_build(family, {"target": "DROP"}))
+                jump = {"comment": ISOLATE_COMMENT, "target": policy.ISOLATE}
+                iptc.Chain(table, "FORWARD").insert_rule(_build(family, jump), 0)
+            present = {(c, r.target.name) for c, rules in builtin for r in rules
+                       if r.target is not None}
+            for jump in p.jumps:
+                if jump["table"] == name and (jump["chain"], jump["target"]) not in present:
+                    spec = {k: v for k, v in jump.items() if k not in ("table", "chain")}
+                    iptc.Chain(table, jump["chain"]).insert_rule(_build(family, spec), 0)
+            _delete_chains(table, stale)
             table.commit()
             table.refresh()
+
+
+def apply(plan_dict: dict, *, isolate: bool = False) -> None:
+    """Make this family's netfilter hold exactly the plan; see the module docstring."""
+    p = policy.Plan.from_dict(plan_dict)
+    _fill_sets(p.family, p.sets)
+    for name in TABLES:
+        _apply_table(p, name, isolate)
+    _drop_sets(p.tag, p.family, keep=set(p.sets))
+
+
+def _remove(tag: str, family: int) -> None:
+    """Every jump, chain and ipset of hub `tag` in this family, and nothing else."""
+    for name in TABLES:
+        with _xtables_lock():
+            table = _table(family, name)
+            with _firewall(f"cannot remove pytun's rules from the {name} table"):
+                ours = {c for c in _our_chains(tag, name) if table.is_chain(c)}
+                if not ours:
+                    continue
+                _remove_jumps(table, _builtin_rules(table, name), ours)
+                _delete_chains(table, ours)
+                table.commit()
+                table.refresh()
+    _drop_sets(tag, family)
+
+
+def _remove_legacy(family: int) -> None:
+    """Chains an earlier pytun made (PYTUN-FORWARD etc., jumps commented `pytun`)."""
+    for name, chain_name in LEGACY_CHAINS.items():
+        with _xtables_lock():
+            table = _table(family, name)
+            with _firewall(f"cannot remove {chain_name} from the {name} table"):
+                if not table.is_chain(chain_name):
+                    continue
+                _remove_jumps(table, _builtin_rules(table, name), {chain_name})
+                _delete_chains(table, [chain_name])
+                table.commit()
+                table.refresh()
+
+
+# ------------------------------------------------------------------------------ forwarding
 
 
 def _read(path: str) -> str:
@@ -133,165 +343,90 @@ def _write(path: str, value: str) -> None:
         raise NatError(f"cannot write {path}: {exc.strerror}{hint}") from None
 
 
-def _enable_forwarding(state_dir: str) -> None:
-    saved = os.path.join(state_dir, SAVED)
+def _forwarding_on(family: int) -> bool:
     try:
-        old = _read(IP_FORWARD)
-        if not os.path.exists(saved):  # after a crash the file holds the true original
-            os.makedirs(state_dir, mode=0o700, exist_ok=True)
-            _write(saved + ".tmp", old)
-            os.replace(saved + ".tmp", saved)
+        return _read(FORWARDING[family]) == "1"
     except OSError as exc:
-        raise NatError(f"cannot save {IP_FORWARD} in {state_dir}: {exc.strerror}") from None
-    if old != "1":
-        _write(IP_FORWARD, "1")
+        raise NatError(f"cannot read {FORWARDING[family]}: {exc.strerror}") from None
 
 
-def _restore_forwarding(state_dir: str) -> None:
-    saved = os.path.join(state_dir, SAVED)
+def setup(plan_dict: dict) -> list[str]:
+    """Start-up for one family: forwarding on (isolated if it was off), then `apply`."""
+    family = plan_dict["family"]
+    isolate = not _forwarding_on(family)
     try:
-        value = _read(saved)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise NatError(f"cannot read {saved}: {exc.strerror}") from None
-    if value in ("0", "1"):
-        try:
-            current = _read(IP_FORWARD)
-        except OSError:
-            current = None
-        if current != value:  # unchanged: nothing to write (/proc/sys may be read-only)
-            _write(IP_FORWARD, value)
-    else:
-        log.warning("ignoring %s: unexpected content %r", saved, value)
-    os.unlink(saved)
+        apply(plan_dict, isolate=isolate)
+        if isolate:
+            _write(FORWARDING[family], "1")
+    except BaseException:
+        with contextlib.suppress(NatError):
+            teardown(plan_dict["tag"], family)
+        raise
+    warnings_ = []
+    if plan_dict.get("egress") is None:
+        warnings_.append(f"no IPv{family} default route and no egress interface given: laptops"
+                         f" get no masquerading to the internet over IPv{family}")
+    if isolate and family == 6:
+        warnings_.append("IPv6 forwarding is now on: interfaces with accept_ra=1 stop taking"
+                         " router advertisements (use accept_ra=2 on an uplink that needs them)")
+    return warnings_
 
 
-def cleanup(state_dir: str) -> None:
-    """Undo whatever a previous pytun left in this namespace, knowing nothing about it.
-
-    For `pytun-server --cleanup` after a crash; idempotent.
-    """
-    _remove_rules()
-    _restore_forwarding(state_dir)
-
-
-class Nat:
-    """The hub's forwarding, masquerading and MSS clamping for one TUN interface."""
-
-    def __init__(self, interface: str, subnets: list, egress: str | None = None,
-                 mtu: int = 1420, state_dir: str = "/var/lib/pytun"):
-        try:
-            self.interface = linux.check_ifname(interface)
-            if egress is not None:
-                linux.check_ifname(egress)
-        except linux.LinuxError as exc:
-            raise NatError(str(exc)) from None
-        networks = [ipaddress.ip_network(s) for s in subnets]
-        if not 68 <= mtu <= 65535:
-            raise NatError(f"bad MTU {mtu}: must be 68 to 65535")
-        self.subnets = [s for s in networks if s.version == 4]
-        self.ignored = [s for s in networks if s.version == 6]
-        self.egress = egress
-        self.mtu = mtu
-        self.state_dir = state_dir
-        self.warnings: list[str] = []
-
-    def __repr__(self) -> str:
-        return (f"Nat(interface={self.interface!r}, subnets={[str(s) for s in self.subnets]}, "
-                f"egress={self.egress!r})")
-
-    def _egress(self) -> str | None:
-        if self.egress is not None:
-            return self.egress
-        try:
-            return linux.default_route_interface(4)
-        except linux.LinuxError as exc:
-            raise NatError(str(exc)) from None
-
-    def setup(self) -> list[str]:
-        """Remove leftovers, enable forwarding, create chains and jumps; return warnings."""
-        self.warnings = []
-        if self.ignored:
-            self.warnings.append(
-                "IPv6 subnets get no forwarding or masquerading from pytun: "
-                + ", ".join(map(str, self.ignored)))
-        _remove_rules()
-        try:
-            _enable_forwarding(self.state_dir)
-            self._create()
-        except BaseException:
-            with contextlib.suppress(NatError):
-                self.teardown()
-            raise
-        for warning in self.warnings:
-            log.warning("%s", warning)
-        return self.warnings
-
-    def teardown(self) -> None:
-        """Remove our jumps and chains and put forwarding back as it was."""
-        _remove_rules()
-        _restore_forwarding(self.state_dir)
-
-    def _create(self) -> None:
-        tun, egress = self.interface, self._egress()
-        if egress is None:
-            self.warnings.append("no default route and no egress interface given: VPN clients"
-                                 " get no masquerading to the outside")
-
-        forward = []
-        rule = self._rule(in_=tun, out=egress or "!" + tun)
-        forward.append((rule, "ACCEPT", {}))
-        rule = self._rule(in_=egress or "!" + tun, out=tun)
-        rule.create_match("conntrack").ctstate = "RELATED,ESTABLISHED"
-        forward.append((rule, "ACCEPT", {}))
-        self._chain("filter", forward)
-
-        if egress is not None and self.subnets:
-            masquerade = []
-            for subnet in self.subnets:
-                rule = self._rule(out=egress)
-                rule.src = str(subnet)
-                masquerade.append((rule, "MASQUERADE", {}))
-            self._chain("nat", masquerade)
-
-        mss = []
-        for direction, option in (("out", {"clamp_mss_to_pmtu": ""}),
-                                  ("in_", {"set_mss": str(self.mtu - TCP_IP_HEADERS)})):
-            rule = self._rule(**{direction: tun})
-            rule.protocol = "tcp"
-            rule.create_match("tcp").tcp_flags = ["SYN,RST", "SYN"]
-            mss.append((rule, "TCPMSS", option))
-        self._chain("mangle", mss)
-
-    @staticmethod
-    def _rule(in_: str | None = None, out: str | None = None):
-        rule = _iptc().Rule()
-        if in_ is not None:
-            rule.in_interface = in_
-        if out is not None:
-            rule.out_interface = out
-        return rule
-
-    @staticmethod
-    def _chain(table_name: str, rules: list) -> None:
-        """Create our chain of `table_name` with `rules`, and the one jump to it; one commit."""
-        iptc = _iptc()
-        [(builtin, ours)] = [(b, o) for t, b, o in JUMPS if t == table_name]
-        table = _table(table_name)
-        with _firewall(f"cannot create {ours} in the {table_name} table"):
-            chain = table.create_chain(ours)
-            for rule, target, options in rules:
-                rule.target = iptc.Target(rule, target)
-                for key, value in options.items():
-                    setattr(rule.target, key, value)
-                chain.append_rule(rule)
-            jump = iptc.Rule()
-            jump.create_match("comment").comment = COMMENT
-            jump.target = iptc.Target(jump, ours)
-            iptc.Chain(table, builtin).insert_rule(jump, 0)
+def teardown(tag: str, family: int) -> None:
+    """Remove hub `tag`'s rules and sets; the last hub out puts forwarding back."""
+    _remove(tag, family)
+    with _xtables_lock():
+        table = _table(family, "filter")
+        if _hub_tags(table) or not table.is_chain(policy.ISOLATE):
+            return
+        with _firewall("cannot remove PYTUN-ISOLATE"):
+            _remove_jumps(table, _builtin_rules(table, "filter"), {policy.ISOLATE})
+            _delete_chains(table, [policy.ISOLATE])
             table.commit()
             table.refresh()
+    if _forwarding_on(family):
+        _write(FORWARDING[family], "0")
+
+
+def cleanup(tag: str, state_dir: str) -> None:
+    """Undo whatever a crashed hub `tag` left in this namespace, both families; idempotent.
+    Each family runs in a process of its own (libxtables holds one family per process)."""
+    from pytun.common import linux
+    for family in (4, 6):
+        linux.run_apart(_cleanup_family, tag, family, state_dir)
+
+
+def _cleanup_family(tag: str, family: int, state_dir: str) -> None:
+    _remove_legacy(family)
+    teardown(tag, family)
+    saved = os.path.join(state_dir, LEGACY_SAVED)
+    if family == 4 and os.path.exists(saved):  # an earlier pytun's record of ip_forward
+        with contextlib.suppress(OSError):
+            if _read(saved) == "0" and not _hub_tags(_table(4, "filter")):
+                _write(FORWARDING[4], "0")
+            os.unlink(saved)
+
+
+def apply_apart(plan_dict: dict) -> None:
+    """`apply` in a fresh interpreter (for a running hub, whose process has threads)."""
+    done = subprocess.run([sys.executable, "-m", "pytun.server.nat", "apply"],
+                          input=json.dumps(plan_dict), capture_output=True, text=True,
+                          timeout=60)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        raise NatError(lines[-1] if lines else f"exit status {done.returncode}")
+
+
+def _main(argv: list[str]) -> int:
+    if argv != ["apply"]:
+        print("usage: python -m pytun.server.nat apply < PLAN.json", file=sys.stderr)
+        return 2
+    try:
+        apply(json.load(sys.stdin))
+    except (NatError, ValueError, KeyError, TypeError) as exc:
+        print(f"firewall: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _iptables_is_nft() -> bool:
@@ -337,3 +472,7 @@ def backend_warnings() -> list[str]:
     except Exception:
         pass
     return warnings
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

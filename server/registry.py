@@ -11,6 +11,7 @@ by polling `change_token()`, which is cheap: it reads SQLite's data_version coun
 from __future__ import annotations
 
 import abc
+import dataclasses
 import ipaddress
 import json
 import os
@@ -23,10 +24,13 @@ from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 
 from pytun.common import keys
 
+from . import policy
+from .policy import PolicyError, Rule
+
 IPInterface = IPv4Interface | IPv6Interface
 IPNetwork = IPv4Network | IPv6Network
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 NAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,32}$")
 
 
@@ -64,9 +68,15 @@ class Peer:
     preshared_key: str | None = field(default=None, repr=False)
     endpoint: str | None = None
     last_handshake: int | None = None
+    groups: list[str] = field(default_factory=list)  # beside the implicit ones
 
     def __post_init__(self) -> None:
         check_name(self.name)
+        try:
+            self.groups = sorted({policy.check_group_name(g) for g in self.groups}
+                                 - set(policy.IMPLICIT_GROUPS))
+        except PolicyError as exc:
+            raise RegistryError(str(exc)) from None
         try:
             self.public_key = keys.encode_key(keys.parse_public(self.public_key))
             if self.preshared_key is not None:
@@ -114,6 +124,40 @@ class Registry(abc.ABC):
     def record_endpoint(self, name_or_public_key: str, endpoint: str | None,
                         last_handshake: int | None) -> None: ...
 
+    # -- groups and access rules (policy.py says what they mean) --
+
+    @abc.abstractmethod
+    def set_groups(self, name: str, groups: list[str]) -> None:
+        """Put peer `name` in exactly these groups (besides the implicit ones); groups that do
+        not exist yet are created."""
+
+    @abc.abstractmethod
+    def groups(self) -> list[tuple[str, str]]:
+        """(name, comment) of every group, implicit ones first."""
+
+    @abc.abstractmethod
+    def add_group(self, name: str, comment: str = "") -> None: ...
+
+    @abc.abstractmethod
+    def remove_group(self, name: str) -> list[str]:
+        """Remove a group no rule names; returns the peers that were in it."""
+
+    @abc.abstractmethod
+    def rules(self) -> list[Rule]:
+        """Every access rule, with its id, in id order."""
+
+    @abc.abstractmethod
+    def add_rule(self, rule: Rule) -> Rule:
+        """Store a rule whose groups and peers exist; returns it with its id."""
+
+    @abc.abstractmethod
+    def remove_rule(self, rule_id: int) -> Rule: ...
+
+    @abc.abstractmethod
+    def ensure_default_rules(self, rules: list[Rule]) -> bool:
+        """Store `rules` unless default rules were stored once before (an operator may have
+        removed some since); True when they were stored now."""
+
     @abc.abstractmethod
     def change_token(self) -> object:
         """A value that differs after another connection committed, or after this one changed
@@ -155,14 +199,44 @@ CREATE TABLE peers (
     last_handshake INTEGER
 );
 """
+# What each schema version adds to the one before; a registry is brought up to date when opened.
+_MIGRATIONS = {
+    2: [
+        "ALTER TABLE peers ADD COLUMN groups TEXT NOT NULL DEFAULT '[]'",
+        """CREATE TABLE groups (
+            name TEXT PRIMARY KEY,
+            comment TEXT NOT NULL DEFAULT '',
+            created INTEGER NOT NULL)""",
+        """CREATE TABLE rules (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            source TEXT NOT NULL,
+            destination TEXT NOT NULL,
+            protocol TEXT NOT NULL DEFAULT 'any',
+            port_first INTEGER,
+            port_last INTEGER,
+            expires INTEGER,
+            comment TEXT NOT NULL DEFAULT '',
+            created INTEGER NOT NULL)""",
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ],
+}
 _COLUMNS = ("name", "public_key", "address", "sites", "full_tunnel", "keepalive", "disabled",
-            "created", "preshared_key", "endpoint", "last_handshake")
+            "created", "preshared_key", "endpoint", "last_handshake", "groups")
+_RULE_COLUMNS = ("id", "source", "destination", "protocol", "port_first", "port_last",
+                 "expires", "comment")
 
 
 def _to_peer(row) -> Peer:
     d = dict(zip(_COLUMNS, row))
     d["sites"] = json.loads(d["sites"])
+    d["groups"] = json.loads(d["groups"])
     return Peer(**d)
+
+
+def _to_rule(row) -> Rule:
+    rule_id, source, destination, protocol, first, last, expires, comment = row
+    return Rule(source, destination, protocol, None if first is None else (first, last),
+                expires, comment, id=rule_id)
 
 
 class SqliteRegistry(Registry):
@@ -200,12 +274,16 @@ class SqliteRegistry(Registry):
         db.execute("BEGIN IMMEDIATE")
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                db.execute(_SCHEMA.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version > SCHEMA_VERSION:
+            if version > SCHEMA_VERSION:
                 raise RegistryError(f"{self.path} has schema version {version}; this pytun "
                                     f"understands up to {SCHEMA_VERSION}")
+            if version == 0:
+                db.execute(_SCHEMA.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
+                version = 1
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[step]:
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -265,7 +343,8 @@ class SqliteRegistry(Registry):
             values = (peer.name, peer.public_key, str(peer.address),
                       json.dumps([str(s) for s in peer.sites]), int(peer.full_tunnel),
                       peer.keepalive, int(peer.disabled), int(peer.created), peer.preshared_key,
-                      peer.endpoint, peer.last_handshake)
+                      peer.endpoint, peer.last_handshake, json.dumps(peer.groups))
+            self._create_groups(db, peer.groups)
             db.execute(f"INSERT INTO peers ({', '.join(_COLUMNS)}) VALUES "
                        f"({', '.join('?' * len(_COLUMNS))})", values)
 
@@ -324,6 +403,132 @@ class SqliteRegistry(Registry):
 
         # The hub writes this itself; it must not make its own change_token() move.
         self._write(update, peer_set_changed=False)
+
+    # -- groups and access rules ----------------------------------------------------------------
+
+    @staticmethod
+    def _create_groups(db, groups) -> None:
+        for group in groups:
+            db.execute("INSERT OR IGNORE INTO groups (name, created) VALUES (?, ?)",
+                       (group, int(time.time())))
+
+    def set_groups(self, name: str, groups: list[str]) -> None:
+        try:
+            wanted = sorted({policy.check_group_name(g) for g in groups}
+                            - set(policy.IMPLICIT_GROUPS))
+        except PolicyError as exc:
+            raise RegistryError(str(exc)) from None
+
+        def update(db):
+            self._must_exist(db, name)
+            self._create_groups(db, wanted)
+            db.execute("UPDATE peers SET groups = ? WHERE name = ?", (json.dumps(wanted), name))
+
+        self._write(update)
+
+    def groups(self) -> list[tuple[str, str]]:
+        stored = self._read("SELECT name, comment FROM groups ORDER BY name")
+        implicit = [(policy.EVERYONE, "every peer"),
+                    (policy.FULL_TUNNEL, "every peer added with --full-tunnel")]
+        return implicit + [(n, c) for n, c in stored if n not in policy.IMPLICIT_GROUPS]
+
+    def add_group(self, name: str, comment: str = "") -> None:
+        try:
+            policy.check_group_name(name)
+        except PolicyError as exc:
+            raise RegistryError(str(exc)) from None
+        if name in policy.IMPLICIT_GROUPS:
+            raise RegistryError(f"{name} is a built-in group")
+
+        def insert(db):
+            if db.execute("SELECT 1 FROM groups WHERE name = ?", (name,)).fetchone():
+                raise RegistryError(f"a group named {name!r} already exists")
+            db.execute("INSERT INTO groups (name, comment, created) VALUES (?, ?, ?)",
+                       (name, comment, int(time.time())))
+
+        self._write(insert)
+
+    def remove_group(self, name: str) -> list[str]:
+        if name in policy.IMPLICIT_GROUPS:
+            raise RegistryError(f"{name} is a built-in group and cannot be removed")
+
+        def delete(db):
+            if not db.execute("SELECT 1 FROM groups WHERE name = ?", (name,)).fetchone():
+                raise RegistryError(f"no group named {name!r}")
+            users = [rid for rid, src, dst in db.execute(
+                "SELECT id, source, destination FROM rules") if name in (src, dst)]
+            if users:
+                raise RegistryError(f"group {name} is named by rule {', '.join(map(str, users))};"
+                                    " remove the rule first")
+            members = []
+            for peer, groups in db.execute("SELECT name, groups FROM peers").fetchall():
+                groups = json.loads(groups)
+                if name in groups:
+                    members.append(peer)
+                    groups.remove(name)
+                    db.execute("UPDATE peers SET groups = ? WHERE name = ?",
+                               (json.dumps(groups), peer))
+            db.execute("DELETE FROM groups WHERE name = ?", (name,))
+            return members
+
+        return self._write(delete)
+
+    def rules(self) -> list[Rule]:
+        rows = self._read(f"SELECT {', '.join(_RULE_COLUMNS)} FROM rules ORDER BY id")
+        return [_to_rule(r) for r in rows]
+
+    def add_rule(self, rule: Rule) -> Rule:
+        def insert(db):
+            for who in (rule.source, rule.destination):
+                if who.startswith("peer:"):
+                    if not db.execute("SELECT 1 FROM peers WHERE name = ? COLLATE NOCASE",
+                                      (who[5:],)).fetchone():
+                        raise RegistryError(f"no peer named {who[5:]!r}")
+                elif who in (policy.HUB, policy.INTERNET) or "/" in who:
+                    continue
+                elif who not in policy.IMPLICIT_GROUPS and not db.execute(
+                        "SELECT 1 FROM groups WHERE name = ?", (who,)).fetchone():
+                    raise RegistryError(f"no group named {who!r} (pytun-admin group add {who})")
+            first, last = rule.ports if rule.ports else (None, None)
+            cur = db.execute(
+                "INSERT INTO rules (source, destination, protocol, port_first, port_last,"
+                " expires, comment, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (rule.source, rule.destination, rule.protocol, first, last, rule.expires,
+                 rule.comment, int(time.time())))
+            return dataclasses.replace(rule, id=cur.lastrowid)
+
+        return self._write(insert)
+
+    def remove_rule(self, rule_id: int) -> Rule:
+        def delete(db):
+            row = db.execute(f"SELECT {', '.join(_RULE_COLUMNS)} FROM rules WHERE id = ?",
+                             (rule_id,)).fetchone()
+            if row is None:
+                raise RegistryError(f"no rule {rule_id}")
+            db.execute("DELETE FROM rules WHERE id = ?", (rule_id,))
+            return _to_rule(row)
+
+        return self._write(delete)
+
+    def ensure_default_rules(self, rules: list[Rule]) -> bool:
+        if self._read("SELECT 1 FROM meta WHERE key = 'default_rules'"):
+            return False
+
+        def insert(db):
+            if db.execute("SELECT 1 FROM meta WHERE key = 'default_rules'").fetchone():
+                return False
+            for rule in rules:
+                first, last = rule.ports if rule.ports else (None, None)
+                db.execute(
+                    "INSERT INTO rules (source, destination, protocol, port_first, port_last,"
+                    " expires, comment, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (rule.source, rule.destination, rule.protocol, first, last, rule.expires,
+                     rule.comment, int(time.time())))
+            db.execute("INSERT INTO meta (key, value) VALUES ('default_rules', ?)",
+                       (str(int(time.time())),))
+            return True
+
+        return self._write(insert)
 
     def change_token(self) -> tuple[int, int]:
         (data_version,), = self._read("PRAGMA data_version")

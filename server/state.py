@@ -21,6 +21,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6
 
 from pytun.common import config, keys
 
+from . import policy
 from .registry import RegistryError, SqliteRegistry
 
 DEFAULT_STATE_DIR = "/var/lib/pytun"
@@ -188,7 +189,8 @@ def init_state(state_dir: str, settings: HubSettings, *, private_key: bytes | No
         created.append(private_key_path(state_dir))
         keys.write_secret_file(created[-1], keys.encode_key(private) + "\n")
         created += [registry_path(state_dir) + suffix for suffix in ("", "-wal", "-shm")]
-        SqliteRegistry(registry_path(state_dir)).close()
+        with SqliteRegistry(registry_path(state_dir)) as registry:
+            registry.ensure_default_rules(policy.default_rules(settings))
         save_settings(state_dir, settings)
     except (OSError, RegistryError) as exc:
         for path in created:  # leave no half-made state that would block the next init

@@ -1,7 +1,9 @@
-"""server/nat.py in a hub namespace: exact rule sets, crash and restart, real masquerading.
+"""server/nat.py carrying out policy plans in a hub namespace: exact rule sets, live changes,
+crash and restart, two hubs side by side, real masquerading and default deny.
 
     [lap] 10.9.0.2/24 ---veth "tun"--- 10.9.0.1/24 [hub] 192.0.2.1/24 ---veth egress--- [net]
-          default via 10.9.0.1                     default via 192.0.2.2        192.0.2.2/24
+          default via 10.9.0.1                     |   default via 192.0.2.2        192.0.2.2/24
+                                                   198.51.100.1/24 ---veth--- [side] 198.51.100.2/24
 
 A veth stands in for the hub's TUN interface. The "internet" namespace has no route back to the
 VPN subnet, so a reply reaches the laptop only when the hub masquerades.
@@ -22,27 +24,38 @@ __all__ = ["topology"]  # the fixture
 pytestmark = pytest.mark.netns
 
 SUBNET = "10.9.0.0/24"
-
-
+KEY = "ZW9V06+oMaS1j0/9YvjkCfDTDCIkJ3ldRIkddzk8N0A="
 class Hub:
     def __init__(self, topo, state_dir):
         self.ns, self.net, self.lap = topo.netns("hub"), topo.netns("net"), topo.netns("lap")
+        self.side = topo.netns("side")
         self.egress, _ = topo.veth(self.ns, "192.0.2.1/24", self.net, "192.0.2.2/24")
         self.tun, _ = topo.veth(self.ns, "10.9.0.1/24", self.lap, "10.9.0.2/24")
+        topo.veth(self.ns, "198.51.100.1/24", self.side, "198.51.100.2/24")
         self.ns.run("ip route add default via 192.0.2.2")
         self.lap.run("ip route add default via 10.9.0.1")
+        self.net.run("ip route add 198.51.100.0/24 via 192.0.2.1")
+        self.side.run("ip route add default via 198.51.100.1")
         self.state_dir = str(state_dir)
         for table in ("filter", "nat", "mangle", "raw", "security"):  # all loaded in "before"
             self.ns.run("iptables-legacy", "-t", table, "-S")
 
-    def nat(self, code: str, **kw) -> dict:
-        """Run `code` in the hub with `n = Nat(...)` ready; return what it passed to out()."""
+    def nat(self, code: str, rules=("everyone hub icmp",), tun=None, egress=True, **kw) -> dict:
+        """Run `code` in the hub with `plan` (a dict) for the veth "tun" and `rules` ready;
+        return what it passed to out()."""
         prelude = textwrap.dedent(f"""
-            import json, os
-            from pytun.server import nat
-            from pytun.server.nat import Nat, NatError
+            import json, os, time
+            from pytun.server import nat, policy
+            from pytun.server.nat import NatError
+            from pytun.server.registry import Peer
             def out(**kw): print(json.dumps(kw), flush=True)
-            n = Nat({self.tun!r}, [{SUBNET!r}], mtu=1420, state_dir={self.state_dir!r})
+            tag = {tun or self.tun!r}
+            view = policy.HubView(tag, (policy.ipaddress.ip_network({SUBNET!r}),),
+                                  (policy.ipaddress.ip_address("10.9.0.1"),), 51820, 1420,
+                                  {self.egress if egress else None!r})
+            peers = [Peer(name="lap", public_key={KEY!r}, address="10.9.0.2", groups=["dev"])]
+            rules = [policy.parse_rule(*r.split()) for r in {list(rules)!r}]
+            plan = policy.plan(view, peers, rules, time.time(), 4).to_dict()
         """)
         done = self.ns.python(prelude + textwrap.dedent(code), **kw)
         assert "Traceback" not in done.stderr, done.stderr
@@ -60,6 +73,9 @@ class Hub:
                 tables[table].append(line.split(" [")[0] if line.startswith(":") else line)
         return dict(tables)
 
+    def ipsets(self) -> list[str]:
+        return sorted(self.ns.run("ipset list -n").stdout.split())
+
     def ip_forward(self) -> str:
         return self.ns.sysctl("net.ipv4.ip_forward")
 
@@ -69,38 +85,31 @@ def hub(topology, tmp_path):
     return Hub(topology, tmp_path / "state")
 
 
-def ours(saved: dict[str, list[str]]) -> list[str]:
-    return [f"{t} {line}" for t, lines in sorted(saved.items()) for line in lines
-            if "PYTUN" in line or "pytun" in line]
+def ours(saved: dict[str, list[str]], tag: str | None = None) -> list[str]:
+    """Our rules as 'table -A ...' lines; of one hub when `tag` is given."""
+    out = []
+    for table, lines in sorted(saved.items()):
+        for line in lines:
+            if line.startswith("-A") and ("PYTUN" in line or "pytun" in line):
+                if tag is None or f"PYTUN-{tag}-" in line:
+                    out.append(f"{table} {line}")
+    return sorted(out)
 
 
-def expected(hub: Hub, egress: bool = True) -> list[str]:
-    tun, out = hub.tun, hub.egress
-    fwd = [f"-A PYTUN-FORWARD -i {tun} -o {out} -j ACCEPT",
-           f"-A PYTUN-FORWARD -i {out} -o {tun} -m conntrack --ctstate RELATED,ESTABLISHED"
-           " -j ACCEPT"]
-    if not egress:
-        fwd = [f"-A PYTUN-FORWARD -i {tun} ! -o {tun} -j ACCEPT",
-               f"-A PYTUN-FORWARD ! -i {tun} -o {tun} -m conntrack --ctstate RELATED,ESTABLISHED"
-               " -j ACCEPT"]
-    lines = [
-        "filter :PYTUN-FORWARD -",
-        "filter -A FORWARD -m comment --comment pytun -j PYTUN-FORWARD",
-        *[f"filter {r}" for r in fwd],
-        "mangle :PYTUN-MSS -",
-        "mangle -A FORWARD -m comment --comment pytun -j PYTUN-MSS",
-        f"mangle -A PYTUN-MSS -o {tun} -p tcp -m tcp --tcp-flags SYN,RST SYN"
-        " -j TCPMSS --clamp-mss-to-pmtu",
-        f"mangle -A PYTUN-MSS -i {tun} -p tcp -m tcp --tcp-flags SYN,RST SYN"
-        " -j TCPMSS --set-mss 1380",
-    ]
-    if egress:
-        lines += [
-            "nat :PYTUN-POSTROUTING -",
-            "nat -A POSTROUTING -m comment --comment pytun -j PYTUN-POSTROUTING",
-            f"nat -A PYTUN-POSTROUTING -s {SUBNET} -o {hub.egress} -j MASQUERADE",
-        ]
-    return sorted(lines)
+def planned(hub: Hub, **kw) -> list[str]:
+    """What the plan says the kernel must hold, in the same form."""
+    lines = hub.nat("out(lines=policy.Plan.from_dict(plan).lines())", **kw)["lines"]
+    out, table = [], None
+    for line in lines:
+        if line.startswith("*"):
+            table = line[1:]
+        else:
+            out.append(f"{table} {line}")
+    return sorted(out)
+
+
+ISOLATE = ["filter -A FORWARD -m comment --comment \"pytun:isolate\" -j PYTUN-ISOLATE",
+           "filter -A PYTUN-ISOLATE -j DROP"]
 
 
 def test_setup_is_exact_survives_restart_and_teardown_restores(hub):
@@ -108,135 +117,221 @@ def test_setup_is_exact_survives_restart_and_teardown_restores(hub):
     hub.ns.run("iptables-legacy -A FORWARD -s 203.0.113.0/24 -j DROP")
     hub.ns.run("iptables-legacy -t nat -A POSTROUTING -d 198.51.100.9 -j RETURN")
     hub.ns.run("iptables-legacy -N OTHER")
+    hub.ns.run("iptables-legacy -A OTHER -m comment --comment pytun -j ACCEPT")  # not ours
     pristine = hub.saved()
     assert hub.ip_forward() == "0"
 
-    assert hub.nat("out(warnings=n.setup())") == {"warnings": []}
-    assert sorted(ours(hub.saved())) == expected(hub)
-    # Our jump is first in its built-in chain, the foreign rule after it.
+    assert hub.nat("out(warnings=nat.setup(plan))") == {"warnings": []}
+    expected = planned(hub)
+    assert len(expected) > 30
+    assert ours(hub.saved(), hub.tun) == expected
+    # The hub's jump is first in FORWARD, then the isolation of other forwarding, then the rest.
     assert [r for r in hub.saved()["filter"] if r.startswith("-A FORWARD")] == [
-        "-A FORWARD -m comment --comment pytun -j PYTUN-FORWARD",
+        f"-A FORWARD -m comment --comment \"pytun:{hub.tun}\" -j PYTUN-{hub.tun}-FWD",
+        "-A FORWARD -m comment --comment \"pytun:isolate\" -j PYTUN-ISOLATE",
         "-A FORWARD -s 203.0.113.0/24 -j DROP",
     ]
     assert hub.ip_forward() == "1"
+    sets = hub.ipsets()
+    assert sets and all(s.startswith(f"pt-{hub.tun}-") for s in sets)
 
-    # Set up twice in one process, then again in another (a restart after a crash).
-    hub.nat("n.setup(); n.setup()")
-    hub.nat("n.setup(); os._exit(0)")
-    assert sorted(ours(hub.saved())) == expected(hub)
-    with open(f"{hub.state_dir}/ip_forward.saved") as f:
-        assert f.read() == "0\n"  # the original, not the 1 of the crashed run
+    # Set up twice in one process, then again in another (a restart after a crash): the
+    # record that forwarding was off survives, as PYTUN-ISOLATE.
+    hub.nat("nat.setup(plan); nat.setup(plan)")
+    hub.nat("nat.setup(plan); os._exit(0)")
+    assert ours(hub.saved(), hub.tun) == expected
+    assert all(line in ours(hub.saved()) for line in ISOLATE)
+    assert hub.ipsets() == sets
 
     hub.ns.run("iptables-legacy -I FORWARD 1 -s 198.51.100.0/24 -j ACCEPT")
-    hub.nat("n.teardown(); n.teardown()")
+    hub.nat("nat.teardown(tag, 4); nat.teardown(tag, 4)")
     after = hub.saved()
     after["filter"].remove("-A FORWARD -s 198.51.100.0/24 -j ACCEPT")
     assert after == pristine
     assert hub.ip_forward() == "0"
-    assert not ours(after)
+    assert hub.ipsets() == []
 
 
 def test_cleanup_after_a_crash_removes_everything(hub):
-    hub.nat("n.setup(); os._exit(1)", check=False)  # crash: no teardown
-    assert sorted(ours(hub.saved())) == expected(hub)
-    hub.nat(f"nat.cleanup({hub.state_dir!r}); nat.cleanup({hub.state_dir!r})")
+    hub.nat("nat.setup(plan); os._exit(1)", check=False)  # crash: no teardown
+    assert ours(hub.saved(), hub.tun) == planned(hub)
+    hub.nat(f"nat.cleanup(tag, {hub.state_dir!r}); nat.cleanup(tag, {hub.state_dir!r})")
+    assert ours(hub.saved()) == []
+    assert hub.ip_forward() == "0"
+    assert hub.ipsets() == []
+
+
+def test_cleanup_removes_an_earlier_pytuns_chains_and_restores_forwarding(hub, tmp_path):
+    """What pytun 0.1 left after a crash: PYTUN-FORWARD & co. and ip_forward.saved."""
+    for table, builtin, chain in (("filter", "FORWARD", "PYTUN-FORWARD"),
+                                  ("nat", "POSTROUTING", "PYTUN-POSTROUTING"),
+                                  ("mangle", "FORWARD", "PYTUN-MSS")):
+        hub.ns.run(f"iptables-legacy -t {table} -N {chain}")
+        hub.ns.run(f"iptables-legacy -t {table} -A {chain} -j ACCEPT")
+        hub.ns.run(f"iptables-legacy -t {table} -I {builtin} -m comment --comment pytun -j {chain}")
+    hub.ns.run("mkdir", "-p", hub.state_dir)
+    hub.ns.run("sh", "-c", f"echo 0 > {hub.state_dir}/ip_forward.saved && "
+                           "echo 1 > /proc/sys/net/ipv4/ip_forward")
+    hub.nat(f"nat.cleanup(tag, {hub.state_dir!r})")
     assert ours(hub.saved()) == []
     assert hub.ip_forward() == "0"
     assert hub.ns.run("ls", "-A", hub.state_dir).stdout == ""
 
 
-def test_without_default_route_forwarding_but_no_masquerade(hub):
-    hub.ns.run("ip route del default")
-    result = hub.nat("out(warnings=n.setup())")
-    assert result["warnings"] == ["no default route and no egress interface given: VPN clients"
-                                  " get no masquerading to the outside"]
-    assert sorted(ours(hub.saved())) == expected(hub, egress=False)
-    hub.nat("n.teardown()")
+def test_without_egress_no_masquerade_and_a_warning(hub):
+    result = hub.nat("out(warnings=nat.setup(plan))", egress=False)
+    assert result["warnings"] == ["no IPv4 default route and no egress interface given: laptops"
+                                  " get no masquerading to the internet over IPv4"]
+    lines = ours(hub.saved(), hub.tun)
+    assert lines == planned(hub, egress=False)
+    assert not any(line.startswith("nat ") for line in lines)
+    hub.nat("nat.teardown(tag, 4)")
     assert ours(hub.saved()) == []
 
 
-def test_errors_are_nat_errors_and_a_failed_setup_rolls_back(hub, tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
-    result = hub.nat(f"""
-        errors = []
-        def mangle_breaks(table_name, rules, real=Nat._chain):
-            if table_name == "mangle":
-                raise NatError("mangle broke")
-            real(table_name, rules)
-        for attempt in (
-            lambda: Nat("bad name", []),
-            lambda: Nat({hub.tun!r}, [], mtu=40),
-            lambda: Nat({hub.tun!r}, [{SUBNET!r}], state_dir={str(blocker / "state")!r}).setup(),
-            lambda: setattr(Nat, "_chain", staticmethod(mangle_breaks)) or n.setup(),
-        ):
-            try:
-                attempt()
-            except NatError as exc:
-                errors.append(str(exc))
-        out(errors=errors, left=os.listdir({hub.state_dir!r}))
-    """)
-    assert result["errors"] == [
-        "bad interface name 'bad name': no '/', ':' or whitespace allowed",
-        "bad MTU 40: must be 68 to 65535",
-        f"cannot save /proc/sys/net/ipv4/ip_forward in {blocker}/state: Not a directory",
-        "mangle broke",
-    ]
-    # The filter and nat chains made before mangle broke are gone again, forwarding is back.
-    assert ours(hub.saved()) == []
-    assert hub.ip_forward() == "0"
-    assert result["left"] == []
-
-
-def test_a_foreign_jump_to_our_chain_is_reported(hub):
-    hub.nat("n.setup()")
-    hub.ns.run("iptables-legacy -t mangle -N OTHER")
-    hub.ns.run("iptables-legacy -t mangle -A OTHER -j PYTUN-MSS")
+def test_a_failed_setup_rolls_back(hub):
     result = hub.nat("""
+        real = nat._apply_table
+        def filter_breaks(p, name, isolate):
+            if name == "filter":
+                raise NatError("filter broke")
+            real(p, name, isolate)
+        nat._apply_table = filter_breaks
         try:
-            n.teardown()
+            nat.setup(plan)
         except NatError as exc:
             out(error=str(exc))
     """)
-    assert result["error"].startswith("cannot delete chain PYTUN-MSS of the mangle table:")
+    assert result == {"error": "filter broke"}
+    # The raw, mangle and nat chains made before filter broke are gone again.
+    assert ours(hub.saved()) == []
+    assert hub.ip_forward() == "0"
+    assert hub.ipsets() == []
+
+
+def test_a_foreign_jump_to_our_chain_is_reported(hub):
+    hub.nat("nat.setup(plan)")
+    hub.ns.run("iptables-legacy -t mangle -N OTHER")
+    hub.ns.run(f"iptables-legacy -t mangle -A OTHER -j PYTUN-{hub.tun}-MSS")
+    result = hub.nat("""
+        try:
+            nat.teardown(tag, 4)
+        except NatError as exc:
+            out(error=str(exc))
+    """)
+    assert result["error"].startswith(f"cannot delete chain PYTUN-{hub.tun}-MSS:")
     assert result["error"].endswith("(does a rule pytun did not create jump to it?)")
     hub.ns.run("iptables-legacy -t mangle -F OTHER")
-    hub.nat("n.teardown()")
+    hub.nat("nat.teardown(tag, 4)")
     assert ours(hub.saved()) == []
     assert hub.ip_forward() == "0"
 
 
-def test_laptop_reaches_the_internet_masqueraded(hub):
-    # A UDP echo in the "internet" that answers with the source address it saw.
-    server = hub.net.popen([sys.executable, "-u", "-c", textwrap.dedent("""
-        import socket
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(("192.0.2.2", 5555))
-        print("ready", flush=True)
-        while True:
-            data, peer = s.recvfrom(100)
-            s.sendto(peer[0].encode(), peer)
-    """)], stdout=subprocess.PIPE, text=True)
+UDP_ECHO = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((sys.argv[1], 5555))
+    print("ready", flush=True)
+    while True:
+        data, peer = s.recvfrom(100)
+        s.sendto(f"{peer[0]}:{peer[1]}".encode(), peer)
+""")
+
+ASK = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", int(sys.argv[2])))
+    s.settimeout(0.5)
+    s.sendto(b"who am I", (sys.argv[1], 5555))
+    try:
+        print(s.recv(100).decode())
+    except socket.timeout:
+        print("no answer")
+""")
+
+
+def test_laptop_reaches_the_internet_masqueraded_only_as_a_rule_says(hub):
+    server = hub.net.popen([sys.executable, "-u", "-c", UDP_ECHO, "192.0.2.2"],
+                           stdout=subprocess.PIPE, text=True)
     assert server.stdout.readline() == "ready\n"
-    ask = textwrap.dedent("""
-        import socket
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.settimeout(0.5)
-        s.sendto(b"who am I", ("192.0.2.2", 5555))
-        try:
-            print(s.recv(100).decode())
-        except socket.timeout:
-            print("no answer")
-    """)
+
+    def ask(port: int = 4000) -> str:
+        return hub.lap.python([ "-c", ASK, "192.0.2.2", str(port)]).stdout.strip()
+
     assert not ping(hub.lap, "192.0.2.2", timeout=0.3)
 
-    hub.nat("n.setup()")
+    # Default deny: the hub answers pings (a rule allows it), the internet is out of reach.
+    hub.nat("nat.setup(plan)")
+    assert ping(hub.lap, "10.9.0.1")
+    assert not ping(hub.lap, "192.0.2.2", timeout=0.3)
+    assert ask() == "no answer"
+
+    # A live change: everyone may reach the internet, through NAT.
+    hub.nat("nat.apply(plan)", rules=["everyone hub icmp", "everyone internet"])
     assert ping(hub.lap, "192.0.2.2", count=3)
-    assert hub.lap.python(ask).stdout == "192.0.2.1\n"
+    assert ask() == "192.0.2.1:4000"  # masqueraded, source port kept
+    # The hub's own listen port is never handed to a laptop's flow (CVE-2021-3773 class).
+    seen = ask(51820)
+    assert seen.startswith("192.0.2.1:") and seen != "192.0.2.1:51820", seen
 
-    hub.nat("n.teardown()")
+    hub.nat("nat.apply(plan)")  # the rule removed again: denied at once
     assert not ping(hub.lap, "192.0.2.2", timeout=0.3)
-    assert hub.lap.python(ask).stdout == "no answer\n"
+    hub.nat("nat.teardown(tag, 4)")
+    assert not ping(hub.lap, "192.0.2.2", timeout=0.3)
+    assert ask() == "no answer"
+
+
+def test_nothing_from_outside_starts_a_connection_to_a_laptop(hub):
+    hub.net.run("ip route add 10.9.0.0/24 via 192.0.2.1")
+    hub.ns.run("sysctl -qw net.ipv4.ip_forward=1")  # a router: forwarding was on before
+    assert ping(hub.net, "10.9.0.2")  # without pytun, the uplink reaches the laptop
+    hub.nat("nat.setup(plan)", rules=["everyone hub icmp", "everyone internet"])
+    assert not ping(hub.net, "10.9.0.2", timeout=0.3)
+    assert ping(hub.lap, "192.0.2.2")  # the laptop's own connection and its replies pass
+    # Anti-spoofing: a packet from the uplink claiming a VPN source is dropped before routing.
+    counts = hub.ns.run(f"iptables-legacy -t raw -L PYTUN-{hub.tun}-RAW -v -n -x").stdout
+    before = int(counts.splitlines()[4].split()[0])
+    hub.net.run("ip addr add 10.9.0.77/32 dev lo")
+    assert not ping(hub.net, "198.51.100.2", source="10.9.0.77", timeout=0.3)
+    counts = hub.ns.run(f"iptables-legacy -t raw -L PYTUN-{hub.tun}-RAW -v -n -x").stdout
+    assert int(counts.splitlines()[4].split()[0]) >= before + 1
+    hub.nat("nat.teardown(tag, 4)")
+    assert hub.ip_forward() == "1"  # it was on before the hub: left on
+    assert ping(hub.net, "10.9.0.2")
+
+
+def test_forwarding_switched_on_by_the_hub_stays_for_the_tunnel_only(hub):
+    assert hub.ip_forward() == "0"
+    hub.nat("nat.setup(plan)", rules=["everyone hub icmp", "everyone internet"])
+    assert hub.ip_forward() == "1"
+    assert ping(hub.lap, "192.0.2.2")
+    assert not ping(hub.net, "198.51.100.2", timeout=0.3)  # uplink to side: not through us
+    assert not ping(hub.side, "192.0.2.2", timeout=0.3)
+    hub.nat("nat.teardown(tag, 4)")
+    assert hub.ip_forward() == "0"
+
+
+def test_two_hubs_in_one_namespace_keep_to_their_own(hub, topology):
+    other, _ = topology.veth(hub.ns, "10.8.0.1/24", topology.netns("lap"), "10.8.0.2/24")
+    hub.ns.run("iptables-legacy -A FORWARD -m comment --comment pytun -j ACCEPT")
+    hub.nat("nat.setup(plan)")
+    first = ours(hub.saved(), hub.tun)
+    hub.nat("nat.setup(plan)", tun=other)
+    second = ours(hub.saved(), other)
+    assert first and second and not set(first) & set(second)
+    assert ours(hub.saved(), hub.tun) == first
+
+    hub.nat(f"nat.cleanup(tag, {hub.state_dir!r})", tun=other)  # stop and clean up one
+    assert ours(hub.saved(), other) == []
+    assert ours(hub.saved(), hub.tun) == first
+    assert all(line in ours(hub.saved()) for line in ISOLATE)
+    assert hub.ip_forward() == "1"  # the other hub still forwards
+    assert ping(hub.lap, "10.9.0.1")
+    assert all(s.startswith(f"pt-{hub.tun}-") for s in hub.ipsets())
+
+    hub.nat("nat.teardown(tag, 4)")
+    assert hub.ip_forward() == "0"  # the last hub out switches forwarding off again
+    assert ours(hub.saved()) == ["filter -A FORWARD -m comment --comment pytun -j ACCEPT"]
 
 
 def test_backend_warnings(topology):

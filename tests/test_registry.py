@@ -10,7 +10,7 @@ import pytest
 
 from pytun.common import keys
 from pytun.server import state
-from pytun.server.registry import Peer, RegistryError, SqliteRegistry, check_name
+from pytun.server.registry import SCHEMA_VERSION, Peer, RegistryError, SqliteRegistry, check_name
 
 SUBNET = ipaddress.ip_network("10.77.0.0/24")
 HUB = {ipaddress.ip_address("10.77.0.1")}
@@ -64,7 +64,7 @@ def test_file_modes(tmp_path):
     assert r._read("PRAGMA journal_mode") == [("wal",)]
     assert r._read("PRAGMA synchronous") == [(2,)]  # FULL
     assert r._read("PRAGMA busy_timeout") == [(5000,)]
-    assert r._read("PRAGMA user_version") == [(1,)]
+    assert r._read("PRAGMA user_version") == [(SCHEMA_VERSION,)] == [(2,)]
     r.close()
 
 
