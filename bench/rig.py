@@ -116,6 +116,9 @@ class PytunHub:
         self.proc: subprocess.Popen | None = None
         self.admin("init", "--subnet", subnet, "--endpoint", f"{HUB_UNDERLAY}:{port}",
                    "--listen-port", port, "--interface", self.ifname)
+        # The hub drops what no access rule allows: open iperf3's port on the hub itself.
+        for service in ("tcp/5201", "udp/5201"):
+            self.admin("access", "add", "everyone", "hub", service, "--comment", "iperf3")
         if start:
             self.start()
 

@@ -71,11 +71,26 @@ def _sync(args) -> None:
 # ---------------------------------------------------------------------------------- commands
 
 
+def _check_interfaces(settings) -> None:
+    """The hub's TUN name must be free or a TUN device already; the egress must exist."""
+    from pytun.common import linux
+    try:
+        kind = linux.link_kind(settings.interface)
+        if kind is not None and kind != "tun":
+            raise AdminError(f"interface {settings.interface} exists and is not a TUN device"
+                             f" ({kind or 'physical'}); choose another --interface")
+        if settings.egress is not None and linux.link_kind(settings.egress) is None:
+            raise AdminError(f"--egress {settings.egress}: no such interface on this host")
+    except linux.LinuxError as exc:
+        raise AdminError(str(exc)) from None
+
+
 def cmd_init(args) -> int:
     settings = state.HubSettings(
         subnet=args.subnet, endpoint=args.endpoint, listen_port=args.listen_port,
         interface=args.interface, mtu=args.mtu, egress=args.egress, dns=_csv(args.dns),
         routes=_csv(args.route), allow_peer_to_peer=args.allow_peer_to_peer)
+    _check_interfaces(settings)
     public = state.init_state(args.state_dir, settings)
     print(f"initialised {args.state_dir}: subnet {settings.subnet}, hub address "
           f"{settings.address}, endpoint {settings.endpoint}; hub public key:", file=sys.stderr)

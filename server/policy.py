@@ -157,14 +157,14 @@ def parse_rule(source: str, destination: str, service: str | None = None, *,
                           "rules allow laptops to reach things, not networks to reach laptops")
     else:
         check_group_name(source)
-    if destination in (HUB, INTERNET) or destination.startswith("peer:"):
+    if destination.startswith("group:"):
+        destination = check_group_name(destination[6:])
+    elif destination in (HUB, INTERNET) or destination.startswith("peer:"):
         if destination == "peer:":
             raise PolicyError("peer: needs a peer name")
     elif (net := _typed_network(destination)) is not None:
         destination = str(net)
     else:
-        if destination.startswith("group:"):
-            destination = destination[6:]
         check_group_name(destination)
     protocol, ports = parse_service(service)
     if "\n" in comment or len(comment) > 200:

@@ -68,6 +68,9 @@ class Net:
         self.lap.run("ip route add default via 198.51.100.1")
         self.hub.run(f"ip route add default via {INET}")
         self.hub.run("ip route add 198.51.100.0/25 via 198.51.100.129")
+        # The hub host is also the laptop's way to the internet outside the tunnel: a router
+        # that forwarded before pytun ran, so the hub leaves that forwarding alone.
+        self.hub.run("sysctl -qw net.ipv4.ip_forward=1")
         self.inet.run(f"ip route add default via {HUB_INET}")
         self.office.run("ip route add default via 203.0.113.129")
         # Let IPv6 link-local addresses settle, so route dumps taken later compare equal.
@@ -79,6 +82,7 @@ class Net:
         self.admin("init", "--subnet", "10.77.0.0/24", "--endpoint", f"{HUB}:51820",
                    "--route", "203.0.113.128/25", "--dns", HUB_INNER,
                    "--interface", unique("pt"))
+        self.admin("access", "add", "everyone", "hub", "tcp/5211")  # the iperf3 test's server
         self.start_hub()
 
     def admin(self, *args) -> subprocess.CompletedProcess:

@@ -162,7 +162,8 @@ def test_hub_unit_cleans_up_before_start_and_after_stop():
 def test_every_sysctl_the_code_writes_is_writable_under_the_units():
     """ProtectKernelTunables makes /proc/sys read-only: each file written needs ReadWritePaths."""
     from pytun.client import routes
-    for path, writes in ((SERVER_UNIT, [nat.IP_FORWARD]), (CLIENT_UNIT, [routes.SRC_VALID_MARK])):
+    for path, writes in ((SERVER_UNIT, list(nat.FORWARDING.values())),
+                         (CLIENT_UNIT, [routes.SRC_VALID_MARK])):
         unit = parse_unit(path)
         if values(unit, "Service", "ProtectKernelTunables") in ([], ["no"]):
             continue
@@ -332,7 +333,7 @@ def test_sysctl_drop_in_turns_forwarding_on():
             assert sep, line
             settings[key.strip()] = val.strip()
     assert settings == {"net.ipv4.ip_forward": "1"}
-    assert "/proc/sys/" + "net.ipv4.ip_forward".replace(".", "/") == nat.IP_FORWARD
+    assert "/proc/sys/" + "net.ipv4.ip_forward".replace(".", "/") == nat.FORWARDING[4]
     assert "restore" in path.read_text()  # says the hub sets and restores it itself
 
 

@@ -61,6 +61,8 @@ def net(tmp_path_factory, netns_ok):
     tmp = tmp_path_factory.mktemp("hubnet")
     with Topology() as topo:
         hub = Hub(topo, tmp)
+        # Default deny: the transfer test's TCP server on the hub needs a rule.
+        hub.admin("access", "add", "everyone", "hub", "tcp/5001")
         hub.start()
         laptops = {}
         for name in ("alice", "bob"):
