@@ -58,6 +58,7 @@ class Hub:
         self.applied: dict[int, dict] = {}  # family -> the plan the kernel holds
         self._expiry: float | None = None  # when the next access rule expires
         self._firewall_changed: trio.Event | None = None
+        self._firewall_lock = trio.Lock()
 
     # -- registry ------------------------------------------------------------------------------
 
@@ -94,18 +95,21 @@ class Hub:
 
     async def apply_firewall(self) -> None:
         """Carry out the planned firewall in the kernel, in a process of its own per family
-        (the hub's process has threads, and python-iptables keeps one family per process)."""
-        for family, plan in list(self.wanted.items()):
-            if self.applied.get(family) == plan:
-                continue
-            try:
-                await trio.to_thread.run_sync(nat.apply_apart, plan)
-            except nat.NatError as exc:
-                raise control.ControlError(f"firewall change failed: {exc}") from None
-            self.applied[family] = plan
-            log.info("firewall: IPv%d access rules applied (%d rules)", family,
-                     len(plan["chains"][policy.chain(self.view.interface, "POL")]) -
-                     len(policy.SPECIAL[family]))
+        (the hub's process has threads, and python-iptables keeps one family per process).
+        One change at a time, always the newest plan: a slow change is never overtaken."""
+        async with self._firewall_lock:
+            for family in sorted(self.wanted):
+                plan = self.wanted[family]
+                if self.applied.get(family) == plan:
+                    continue
+                try:
+                    await trio.to_thread.run_sync(nat.apply_apart, plan)
+                except nat.NatError as exc:
+                    raise control.ControlError(f"firewall change failed: {exc}") from None
+                self.applied[family] = plan
+                rules = plan["chains"][policy.chain(self.view.interface, "POL")]
+                log.info("firewall: IPv%d access rules applied (%d rules)", family,
+                         sum(r["target"] == "ACCEPT" for r in rules))
 
     def _apply(self, wanted: dict) -> tuple[list[str], list[str]]:
         added, removed = [], []

@@ -499,6 +499,8 @@ def plan(view: HubView, peers, rules, now: float, family: int) -> Plan | None:
     special = []
     for rule in effective(rules, now):
         match: dict = {"set_src": members_set(rule.source)}
+        if rule.id is not None:  # iptables -L -v then counts each rule's packets
+            match["comment"] = f"rule {rule.id}"
         if rule.protocol != "any":
             match["proto"] = ICMP[family] if rule.protocol == "icmp" else rule.protocol
             if rule.ports is not None:

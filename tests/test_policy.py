@@ -141,13 +141,13 @@ def test_the_plan_of_a_small_hub_line_by_line():
         "-A PYTUN-pt0-POL -d 127.0.0.0/8 -j PYTUN-pt0-SPC",
         "-A PYTUN-pt0-POL -d 169.254.0.0/16 -j PYTUN-pt0-SPC",
         "-A PYTUN-pt0-POL -d 224.0.0.0/4 -j PYTUN-pt0-SPC",
-        f"-A PYTUN-pt0-POL -p icmp -m addrtype --dst-type LOCAL -m set --match-set {everyone}"
+        f"-A PYTUN-pt0-POL -p icmp -m comment --comment \"rule 1\" -m addrtype --dst-type LOCAL -m set --match-set {everyone}"
         " src -j ACCEPT",
-        f"-A PYTUN-pt0-POL -d 10.20.3.0/24 -p tcp -m set --match-set {dev} src -m tcp --dport"
+        f"-A PYTUN-pt0-POL -d 10.20.3.0/24 -p tcp -m comment --comment \"rule 2\" -m set --match-set {dev} src -m tcp --dport"
         " 5432 -j ACCEPT",
-        f"-A PYTUN-pt0-POL -p udp -m set --match-set {bob} src -m set --match-set {dev} dst"
+        f"-A PYTUN-pt0-POL -p udp -m comment --comment \"rule 5\" -m set --match-set {bob} src -m set --match-set {dev} dst"
         " -m udp --dport 5000:5100 -j ACCEPT",
-        f"-A PYTUN-pt0-SPC -d 169.254.169.254/32 -m set --match-set {dev} src -j ACCEPT",
+        f"-A PYTUN-pt0-SPC -d 169.254.169.254/32 -m comment --comment \"rule 3\" -m set --match-set {dev} src -j ACCEPT",
         "-A PYTUN-pt0-SPC -j DROP",
     ]
     assert policy.plan(view(), peers, rules, NOW, 6) is None  # no IPv6 subnet

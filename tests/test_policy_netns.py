@@ -106,7 +106,10 @@ def net(tmp_path_factory, netns_ok):
                    ipv6=False)
         laptops["carol"] = ns
         for name, ns in laptops.items():
-            assert wait_until(lambda: ping(ns, HUB_INNER), timeout=10, what=f"{name}'s tunnel")
+            try:
+                wait_until(lambda: ping(ns, HUB_INNER), timeout=10, what=f"{name}'s tunnel")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n--- hub log\n{hub.log()}") from None
         yield hub, laptops, db, tmp
 
 
