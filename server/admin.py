@@ -92,8 +92,9 @@ def cmd_init(args) -> int:
         routes=_csv(args.route), allow_peer_to_peer=args.allow_peer_to_peer)
     _check_interfaces(settings)
     public = state.init_state(args.state_dir, settings)
-    print(f"initialised {args.state_dir}: subnet {settings.subnet}, hub address "
-          f"{settings.address}, endpoint {settings.endpoint}; hub public key:", file=sys.stderr)
+    print(f"initialised {args.state_dir}: subnet {', '.join(map(str, settings.subnets))}, hub"
+          f" address {', '.join(map(str, settings.addresses))}, endpoint {settings.endpoint};"
+          " hub public key:", file=sys.stderr)
     print(public)
     return 0
 
@@ -103,9 +104,9 @@ def _peer_config(settings, hub_public: bytes, peer: Peer, private: bytes | None,
     if peer.full_tunnel:
         allowed = [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
     else:
-        allowed = [settings.subnet, *settings.routes]
+        allowed = [*settings.subnets, *settings.routes]
     return config.WgConfig(
-        interface=config.InterfaceConfig(private_key=private, addresses=[peer.address],
+        interface=config.InterfaceConfig(private_key=private, addresses=peer.addresses,
                                          dns=list(settings.dns)),
         peers=[config.PeerConfig(public_key=hub_public, preshared_key=psk,
                                  endpoint=config.parse_endpoint(settings.endpoint),
@@ -142,24 +143,33 @@ def cmd_add_peer(args) -> int:
             private = keys.generate_private()
             public = keys.public_from_private(private)
         psk = keys.generate_psk() if args.psk else None
-        reserved = {settings.address.ip}
-        if args.ip is not None:
+        reserved = {a.ip for a in settings.addresses}
+        given = {}
+        for item in _csv(args.ip):
             try:
-                address = ipaddress.ip_interface(args.ip)
+                address = ipaddress.ip_interface(item)
             except ValueError:
-                raise AdminError(f"--ip {args.ip!r} is not an IP address") from None
+                raise AdminError(f"--ip {item!r} is not an IP address") from None
             if address.network.prefixlen != address.max_prefixlen:
-                raise AdminError(f"--ip {args.ip} must be a single address, without a prefix")
-        else:
-            address = registry.allocate_address(settings.subnet, reserved)
+                raise AdminError(f"--ip {item} must be a single address, without a prefix")
+            if address.version in given:
+                raise AdminError(f"--ip gives two IPv{address.version} addresses")
+            given[address.version] = address
+        subnet, subnet6 = settings.subnet, settings.subnet6
+        address = given.pop(subnet.version, None) or registry.allocate_address(subnet, reserved)
+        address6 = None
+        if subnet6 is not None:
+            address6 = given.pop(6, None) or registry.allocate_address(subnet6, reserved)
+        for version, extra in given.items():
+            raise AdminError(f"--ip {extra.ip}: the hub has no IPv{version} subnet")
         peer = Peer(name=args.name, public_key=keys.encode_key(public), address=address,
                     sites=_networks(args.site, "site"), full_tunnel=args.full_tunnel,
                     keepalive=keepalive, preshared_key=psk and keys.encode_key(psk),
-                    groups=_csv(args.group))
+                    groups=_csv(args.group), address6=address6)
         text = config.render(_peer_config(settings, hub_public, peer, private, psk),
                              placeholder_public_key=None if private else public)
         qr = _qr_text(text) if args.qr else None
-        registry.add(peer, subnet=settings.subnet, reserved=reserved)
+        registry.add(peer, subnet=settings.subnet, reserved=reserved, subnet6=settings.subnet6)
         if args.output:
             try:
                 keys.write_secret_file(args.output, text)
@@ -216,11 +226,12 @@ def cmd_list_peers(args) -> int:
             "name": p.name, "address": str(p.address), "public_key": p.public_key,
             "disabled": p.disabled, "sites": [str(s) for s in p.sites],
             "full_tunnel": p.full_tunnel, "keepalive": p.keepalive, "created": p.created,
-            "groups": policy.groups_of(p),
+            "groups": policy.groups_of(p), "address6": str(p.address6) if p.address6 else None,
         } for p in peers], indent=2))
     elif peers:
         sys.stdout.write(_table(["NAME", "ADDRESS", "PUBLIC KEY", "STATE", "GROUPS", "SITES"], [
-            [p.name, str(p.address.ip), p.public_key, "disabled" if p.disabled else "enabled",
+            [p.name, ",".join(str(a.ip) for a in p.addresses), p.public_key,
+             "disabled" if p.disabled else "enabled",
              ",".join(p.groups) or "-", ", ".join(str(s) for s in p.sites) or "-"]
             for p in peers]))
     else:
@@ -258,7 +269,8 @@ def cmd_show(args) -> int:
     except control.HubNotRunning:
         _, registry = _open(args)
         with registry:
-            peers = [{"name": p.name, "public_key": p.public_key, "address": str(p.address),
+            peers = [{"name": p.name, "public_key": p.public_key,
+                      "address": ",".join(str(a) for a in p.addresses),
                       "endpoint": None, "latest_handshake": None, "rx_bytes": 0, "tx_bytes": 0}
                      for p in registry.list()]
         print("hub not running; showing the registry without live statistics", file=sys.stderr)
@@ -476,7 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     sp = add("init", cmd_init, "create the hub's state directory, key pair and empty registry")
-    sp.add_argument("--subnet", required=True, help="inner subnet, e.g. 10.77.0.0/24")
+    sp.add_argument("--subnet", required=True, metavar="CIDR[,CIDR6]",
+                    help="inner subnet, e.g. 10.77.0.0/24, or one of each family for dual"
+                         " stack: 10.77.0.0/24,fd77::/64")
     sp.add_argument("--endpoint", required=True, metavar="HOST[:PORT]",
                     help="address laptops dial (port defaults to --listen-port)")
     sp.add_argument("--listen-port", type=int, default=51820, metavar="PORT")
@@ -493,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--public-key", metavar="KEY",
                     help="the peer's own public key; its private key then never leaves the laptop")
-    sp.add_argument("--ip", metavar="ADDR", help="inner address (default: lowest free)")
+    sp.add_argument("--ip", action="append", metavar="ADDR[,ADDR6]",
+                    help="inner address, one per family (default: lowest free)")
     sp.add_argument("--site", action="append", metavar="CIDR,...",
                     help="networks behind this peer (e.g. a branch office) routed to it")
     sp.add_argument("--full-tunnel", action="store_true", help="send all the laptop's traffic via the hub")

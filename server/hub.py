@@ -36,8 +36,8 @@ class StartupError(Exception):
 
 def _peer_spec(record) -> tuple:
     """What, in a registry row, the device must be rebuilt for when it changes."""
-    return (record.public_key, str(record.address), tuple(str(s) for s in record.sites),
-            record.preshared_key, record.keepalive)
+    return (record.public_key, ",".join(str(a) for a in record.addresses),
+            tuple(str(s) for s in record.sites), record.preshared_key, record.keepalive)
 
 
 class Hub:
@@ -137,7 +137,8 @@ class Hub:
     def _add(self, record) -> None:
         public = keys.parse_public(record.public_key)
         psk = keys.parse_psk(record.preshared_key) if record.preshared_key else None
-        allowed = [ipaddress.ip_network(record.address, strict=False), *record.sites]
+        allowed = [*(ipaddress.ip_network(a, strict=False) for a in record.addresses),
+                   *record.sites]
         endpoint = None
         if record.endpoint and self.sock is not None:
             host, _, port = record.endpoint.rpartition(":")
@@ -149,7 +150,7 @@ class Hub:
                                            endpoint=endpoint, name=record.name)
         engine_peer.last_handshake_wall = record.last_handshake
         self.peers[record.name] = (_peer_spec(record), engine_peer)
-        log.info("peer %s added (%s)", record.name, record.address)
+        log.info("peer %s added (%s)", record.name, ", ".join(map(str, record.addresses)))
 
     def _redial(self, now: float, wall: float) -> None:
         """Start handshakes to laptops that were connected before a restart."""
@@ -232,7 +233,7 @@ class Hub:
             # Link and firewall steps run in a forked child (linux.run_apart): pyroute2 and
             # python-iptables then never load into the long-running hub.
             try:
-                linux.run_apart(linux.configure_link, ifname, [s.address], s.mtu)
+                linux.run_apart(linux.configure_link, ifname, s.addresses, s.mtu)
                 self.sock = open_udp(s.listen_port)
             except (linux.LinuxError, OSError) as exc:
                 raise StartupError(getattr(exc, "strerror", None) or str(exc)) from None
@@ -265,8 +266,8 @@ class Hub:
                 nursery.start_soon(self._poll_registry)
                 self._firewall_changed = trio.Event()
                 nursery.start_soon(self._firewall_loop)
-                log.info("hub up: %s %s, UDP port %d, %d peers", ifname, s.address,
-                         s.listen_port, len(self.peers))
+                log.info("hub up: %s %s, UDP port %d, %d peers", ifname,
+                         ", ".join(map(str, s.addresses)), s.listen_port, len(self.peers))
                 task_status.started()
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for signum in signals:

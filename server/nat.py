@@ -119,7 +119,9 @@ def _build(family: int, spec: dict):
     for key, attr in (("src", "src"), ("dst", "dst"), ("in", "in_interface"),
                       ("out", "out_interface"), ("proto", "protocol")):
         if spec.get(key):
-            setattr(rule, attr, spec[key])
+            # ip6tables-save spells ICMPv6 ipv6-icmp; python-iptables takes only icmpv6.
+            value = "icmpv6" if spec[key] == "ipv6-icmp" else spec[key]
+            setattr(rule, attr, value)
     if spec.get("comment"):
         rule.create_match("comment").comment = spec["comment"]
     if spec.get("ctstate"):

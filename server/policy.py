@@ -182,7 +182,8 @@ def groups_of(peer) -> list[str]:
 
 
 def networks_of(peer) -> list[IPNetwork]:
-    return [ipaddress.ip_network(peer.address, strict=False), *peer.sites]
+    addresses = [peer.address, *([peer.address6] if getattr(peer, "address6", None) else [])]
+    return [*(ipaddress.ip_network(a, strict=False) for a in addresses), *peer.sites]
 
 
 def members(peers, who: str) -> list:
@@ -276,7 +277,7 @@ def explain(peers, rules, peer_name: str, destination: str, service: str | None,
         raise PolicyError(f"no peer named {peer_name!r}")
     if peer.disabled:
         return Verdict(False, f"peer {peer.name} is disabled: the hub refuses its handshakes")
-    if ip.version != peer.address.version and not any(s.version == ip.version for s in peer.sites):
+    if not any(n.version == ip.version for n in networks_of(peer)):
         return Verdict(False, f"peer {peer.name} has no IPv{ip.version} address")
     local = is_local(ip)
     special = special_range(ip)

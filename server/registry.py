@@ -69,6 +69,7 @@ class Peer:
     endpoint: str | None = None
     last_handshake: int | None = None
     groups: list[str] = field(default_factory=list)  # beside the implicit ones
+    address6: IPv6Interface | None = None  # on a dual-stack hub, the IPv6 address
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -84,6 +85,10 @@ class Peer:
         except keys.BadKey as exc:
             raise RegistryError(str(exc)) from None
         self.address = host_address(self.address)
+        if self.address6 is not None:
+            self.address6 = host_address(self.address6)
+            if self.address6.version != 6 or self.address.version != 4:
+                raise RegistryError("a second address is the IPv6 one, beside an IPv4 address")
         sites = []
         for site in self.sites:
             try:
@@ -94,6 +99,10 @@ class Peer:
         if not isinstance(self.keepalive, int) or not 0 <= self.keepalive <= 65535:
             raise RegistryError(f"keepalive must be 0 (off) to 65535 seconds, not {self.keepalive!r}")
         self.full_tunnel, self.disabled = bool(self.full_tunnel), bool(self.disabled)
+
+    @property
+    def addresses(self) -> list[IPInterface]:
+        return [self.address, *([self.address6] if self.address6 else [])]
 
 
 class Registry(abc.ABC):
@@ -218,10 +227,12 @@ _MIGRATIONS = {
             comment TEXT NOT NULL DEFAULT '',
             created INTEGER NOT NULL)""",
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "ALTER TABLE peers ADD COLUMN address6 TEXT",
+        "CREATE UNIQUE INDEX peers_address6 ON peers (address6)",
     ],
 }
 _COLUMNS = ("name", "public_key", "address", "sites", "full_tunnel", "keepalive", "disabled",
-            "created", "preshared_key", "endpoint", "last_handshake", "groups")
+            "created", "preshared_key", "endpoint", "last_handshake", "groups", "address6")
 _RULE_COLUMNS = ("id", "source", "destination", "protocol", "port_first", "port_last",
                  "expires", "comment")
 
@@ -317,7 +328,12 @@ class SqliteRegistry(Registry):
             except sqlite3.Error as exc:
                 raise RegistryError(f"registry {self.path}: {exc}") from None
 
-    def add(self, peer: Peer, *, subnet=None, reserved=frozenset()) -> None:
+    def add(self, peer: Peer, *, subnet=None, reserved=frozenset(), subnet6=None) -> None:
+        if subnet6 is not None and peer.address6 is not None:
+            check_in_subnet(peer.address6, subnet6, reserved)
+            for site in peer.sites:
+                if site.version == 6 and site.overlaps(subnet6):
+                    raise RegistryError(f"site {site} overlaps the hub subnet {subnet6}")
         if subnet is not None:
             check_in_subnet(peer.address, subnet, reserved)
             for site in peer.sites:
@@ -333,8 +349,9 @@ class SqliteRegistry(Registry):
                 raise RegistryError(f"a peer named {peer.name!r} already exists")
             if other := owner("public_key", peer.public_key):
                 raise RegistryError(f"that public key already belongs to peer {other!r}")
-            if other := owner("address", str(peer.address)):
-                raise RegistryError(f"address {peer.address.ip} is already used by peer {other!r}")
+            for column, address in (("address", peer.address), ("address6", peer.address6)):
+                if address is not None and (other := owner(column, str(address))):
+                    raise RegistryError(f"address {address.ip} is already used by peer {other!r}")
             for other, sites in db.execute("SELECT name, sites FROM peers"):
                 for site in map(ipaddress.ip_network, json.loads(sites)):
                     for mine in peer.sites:
@@ -343,7 +360,8 @@ class SqliteRegistry(Registry):
             values = (peer.name, peer.public_key, str(peer.address),
                       json.dumps([str(s) for s in peer.sites]), int(peer.full_tunnel),
                       peer.keepalive, int(peer.disabled), int(peer.created), peer.preshared_key,
-                      peer.endpoint, peer.last_handshake, json.dumps(peer.groups))
+                      peer.endpoint, peer.last_handshake, json.dumps(peer.groups),
+                      str(peer.address6) if peer.address6 else None)
             self._create_groups(db, peer.groups)
             db.execute(f"INSERT INTO peers ({', '.join(_COLUMNS)}) VALUES "
                        f"({', '.join('?' * len(_COLUMNS))})", values)
@@ -382,7 +400,12 @@ class SqliteRegistry(Registry):
 
     def allocate_address(self, subnet, reserved=frozenset()) -> IPInterface:
         subnet = ipaddress.ip_network(subnet)
-        taken = {ipaddress.ip_interface(a).ip for (a,) in self._read("SELECT address FROM peers")}
+        column = "address6" if subnet.version == 6 else "address"
+        taken = {ipaddress.ip_interface(a).ip
+                 for (a,) in self._read(f"SELECT {column} FROM peers WHERE {column} IS NOT NULL")}
+        if subnet.version == 6:  # an IPv6-only hub keeps its peers' addresses in `address`
+            taken |= {ipaddress.ip_interface(a).ip for (a,) in self._read(
+                "SELECT address FROM peers")}
         taken |= {ipaddress.ip_interface(r).ip for r in reserved}
         taken.add(subnet.network_address + 1)  # the hub's own address
         last = subnet.broadcast_address - (1 if subnet.version == 4 else 0)

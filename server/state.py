@@ -84,15 +84,26 @@ class HubSettings:
     dns: list[IPv4Address | IPv6Address] = field(default_factory=list)
     routes: list[IPv4Network | IPv6Network] = field(default_factory=list)
     allow_peer_to_peer: bool = False
+    subnet6: IPv6Network | None = None  # dual stack: the IPv6 subnet beside an IPv4 `subnet`
 
     def __post_init__(self) -> None:
-        try:
-            self.subnet = ipaddress.ip_network(self.subnet)
-        except ValueError as exc:
-            raise StateError(f"bad subnet {self.subnet!s}: {exc}") from None
-        max_prefix = 30 if self.subnet.version == 4 else 126
-        if self.subnet.prefixlen > max_prefix:
-            raise StateError(f"subnet {self.subnet} is too small; use /{max_prefix} or wider")
+        given = [self.subnet, *([self.subnet6] if self.subnet6 else [])]
+        if isinstance(self.subnet, str) and "," in self.subnet:  # "10.77.0.0/24,fd77::/64"
+            given = [part.strip() for part in self.subnet.split(",") if part.strip()]
+        nets = []
+        for text in given:
+            try:
+                nets.append(ipaddress.ip_network(text))
+            except ValueError as exc:
+                raise StateError(f"bad subnet {text!s}: {exc}") from None
+        if not nets or len(nets) > 2 or len({n.version for n in nets}) != len(nets):
+            raise StateError("give one subnet, or one IPv4 and one IPv6 subnet")
+        nets.sort(key=lambda n: n.version)
+        self.subnet, self.subnet6 = nets[0], (nets[1] if len(nets) == 2 else None)
+        for net in nets:
+            max_prefix = 30 if net.version == 4 else 126
+            if net.prefixlen > max_prefix:
+                raise StateError(f"subnet {net} is too small; use /{max_prefix} or wider")
         if not isinstance(self.listen_port, int) or not 1 <= self.listen_port <= 65535:
             raise StateError(f"listen port must be from 1 to 65535, not {self.listen_port!r}")
         self.endpoint = normalize_endpoint(str(self.endpoint), self.listen_port)
@@ -116,9 +127,23 @@ class HubSettings:
         """The hub's inner address: the subnet's first host, with the subnet's prefix."""
         return ipaddress.ip_interface(f"{self.subnet.network_address + 1}/{self.subnet.prefixlen}")
 
+    @property
+    def subnets(self) -> list:
+        return [self.subnet, *([self.subnet6] if self.subnet6 else [])]
+
+    @property
+    def addresses(self) -> list:
+        """The hub's inner address in each subnet."""
+        return [ipaddress.ip_interface(f"{n.network_address + 1}/{n.prefixlen}")
+                for n in self.subnets]
+
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
         d["subnet"] = str(self.subnet)
+        if self.subnet6:
+            d["subnet6"] = str(self.subnet6)
+        else:
+            del d["subnet6"]
         d["dns"] = [str(x) for x in self.dns]
         d["routes"] = [str(x) for x in self.routes]
         return json.dumps({"version": SETTINGS_VERSION, **d}, indent=2) + "\n"

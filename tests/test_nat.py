@@ -353,3 +353,44 @@ def test_backend_warnings(topology):
         "nftables chain inet guard dropper hooks forward with policy drop (Docker, ufw?):"
         " forwarded VPN traffic may be dropped by it"
     ]
+
+
+def test_an_ipv6_plan_is_exact_in_ip6tables_and_comes_out_again(hub):
+    """The same plan shape for IPv6, in ip6tables (a process of its own: one family each)."""
+    hub.ns.run(f"ip addr add fd09::1/64 dev {hub.tun} nodad")
+    code = textwrap.dedent(f"""
+        import json, time, ipaddress
+        from pytun.server import nat, policy
+        from pytun.server.registry import Peer
+        view = policy.HubView({hub.tun!r}, (ipaddress.ip_network("fd09::/64"),),
+                              (ipaddress.ip_address("fd09::1"),), 51820, 1420, None,
+                              {hub.egress!r})
+        rules = [policy.parse_rule("everyone", "hub", "icmp"),
+                 policy.parse_rule("everyone", "internet")]
+        plan = policy.plan(view, [], rules, time.time(), 6)
+        print(json.dumps(plan.lines()))
+        print(json.dumps(nat.setup(plan.to_dict())))
+    """)
+    done = hub.ns.python(code)
+    lines, warnings = map(json.loads, done.stdout.splitlines())
+    assert warnings == ["IPv6 forwarding is now on: interfaces with accept_ra=1 stop taking"
+                        " router advertisements (use accept_ra=2 on an uplink that needs them)"]
+    expected, table = [], None
+    for line in lines:
+        if line.startswith("*"):
+            table = line[1:]
+        else:
+            expected.append(f"{table} {line}")
+    saved, table = [], None
+    for line in hub.ns.run("ip6tables-legacy-save").stdout.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith("-A") and f"PYTUN-{hub.tun}-" in line:
+            saved.append(f"{table} {line}")
+    assert sorted(saved) == sorted(expected)
+    assert any("-p ipv6-icmp" in line for line in saved)
+    assert hub.ns.sysctl("net.ipv6.conf.all.forwarding") == "1"
+    assert hub.ip_forward() == "0"  # IPv4 is not touched by an IPv6 plan
+    hub.ns.python(f"from pytun.server import nat; nat.teardown({hub.tun!r}, 6)")
+    assert "PYTUN" not in hub.ns.run("ip6tables-legacy-save").stdout
+    assert hub.ns.sysctl("net.ipv6.conf.all.forwarding") == "0"
