@@ -103,7 +103,8 @@ class Hub:
                 if self.applied.get(family) == plan:
                     continue
                 try:
-                    await trio.to_thread.run_sync(nat.apply_apart, plan)
+                    await trio.to_thread.run_sync(nat.apply_apart, plan,
+                                                  self.applied.get(family))
                 except nat.NatError as exc:
                     raise control.ControlError(f"firewall change failed: {exc}") from None
                 self.applied[family] = plan

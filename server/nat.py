@@ -22,7 +22,8 @@ nothing of anyone else's is touched:
 python-iptables drives libiptc, i.e. the legacy tables (`iptables-legacy-save` shows them), in
 the network namespace of this process, and libxtables keeps one address family per process: so
 each family's plan is carried out in a process of its own (`linux.run_apart` at start and stop,
-`python -m pytun.server.nat apply` for live changes). ipsets are made through pyroute2.
+`python -m pytun.server.nat apply` for live changes). ipsets are written with `ipset restore`,
+one process for a whole batch; a change of group members alone needs no iptables at all.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import warnings
@@ -172,52 +172,69 @@ def _hub_tags(table) -> set[str]:
 # ------------------------------------------------------------------------------ ipsets
 
 
-def _ipset():
-    from pyroute2.ipset import IPSet  # loaded only in the set-up process
-    return IPSet()
+def _ipset(*argv: str, script: str | None = None) -> str:
+    """Run ipset(8): one process for a whole batch of changes (`ipset restore`), where a
+    netlink round trip per entry would take a second per 2,000 entries."""
+    binary = shutil.which("ipset") or "/usr/sbin/ipset"
+    try:
+        done = subprocess.run([binary, *argv], input=script, capture_output=True, text=True,
+                              timeout=60)
+    except FileNotFoundError:
+        raise NatError("the ipset command is missing (Debian package ipset)") from None
+    except subprocess.TimeoutExpired:
+        raise NatError(f"ipset {' '.join(argv)} did not finish in 60 s") from None
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        raise NatError(f"ipset {' '.join(argv)}: {lines[-1]} (is the ip_set module available?)")
+    return done.stdout
 
 
-def _set_names(ips) -> set[str]:
-    return {m.get_attr("IPSET_ATTR_SETNAME") for m in ips.list()}
+def _set_names() -> set[str]:
+    return set(_ipset("list", "-n").split())
 
 
 def _is_our_set(name: str, tag: str, family: int) -> bool:
     return name.startswith(f"pt-{tag}-") and bool(
-        re.fullmatch(r"[0-9a-f]{8}-" + str(family), name[len(f"pt-{tag}-"):]))
+        re.fullmatch(r"[0-9a-f]{8}-" + str(family) + "t?", name[len(f"pt-{tag}-"):]))
 
 
-def _fill_sets(family: int, sets: dict[str, list[str]]) -> None:
-    """Each set holds exactly its entries afterwards; a set in use changes in one swap."""
-    af = socket.AF_INET6 if family == 6 else socket.AF_INET
-    try:
-        with _ipset() as ips:
-            existing = _set_names(ips)
-            for name, entries in sets.items():
-                target = name if name not in existing else name + "t"
-                if target in existing:  # a swap a crash cut short
-                    ips.destroy(target)
-                ips.create(target, stype="hash:net", family=af, maxelem=max(65536, len(entries)))
-                for entry in entries:
-                    ips.add(target, entry, etype="net", family=af)
-                if target != name:
-                    ips.swap(target, name)
-                    ips.destroy(target)
-    except NatError:
-        raise
-    except Exception as exc:  # NetlinkError and the like
-        raise NatError(f"cannot write the ipsets: {exc} (is the ip_set module available?)"
-                       ) from None
+def sets_script(family: int, sets: dict[str, list[str]], previous: dict | None,
+                existing: set[str]) -> str:
+    """ipset restore commands that make each set hold exactly its entries. With the sets the
+    kernel holds (`previous`, from the last apply), only the difference is written: a peer
+    changing groups is an add and a del. Otherwise a set in use is refilled aside and
+    swapped in, so no packet ever sees it half full."""
+    kind = "inet6" if family == 6 else "inet"
+    lines = []
+    for name, entries in sets.items():
+        header = f"hash:net family {kind} maxelem {max(65536, 2 * len(entries))}"
+        if previous is not None and name in previous and name in existing:
+            old, new = set(previous[name]), set(entries)
+            lines += [f"del {name} {e} -exist" for e in sorted(old - new)]
+            lines += [f"add {name} {e} -exist" for e in sorted(new - old)]
+        elif name not in existing:
+            lines.append(f"create {name} {header}")
+            lines += [f"add {name} {e}" for e in entries]
+        else:
+            aside = name + "t"
+            if aside in existing:  # a refill a crash cut short
+                lines.append(f"destroy {aside}")
+            lines.append(f"create {aside} {header}")
+            lines += [f"add {aside} {e}" for e in entries]
+            lines += [f"swap {aside} {name}", f"destroy {aside}"]
+    return "".join(line + "\n" for line in lines)
+
+
+def apply_sets(family: int, sets: dict[str, list[str]], previous: dict | None = None) -> None:
+    script = sets_script(family, sets, previous, _set_names())
+    if script:
+        _ipset("restore", script=script)
 
 
 def _drop_sets(tag: str, family: int, keep=()) -> None:
-    try:
-        with _ipset() as ips:
-            for name in _set_names(ips):
-                if (_is_our_set(name, tag, family) or _is_our_set(name[:-1], tag, family)
-                        and name.endswith("t")) and name not in keep:
-                    ips.destroy(name)
-    except Exception as exc:
-        raise NatError(f"cannot remove the ipsets of {tag}: {exc}") from None
+    stale = [n for n in _set_names() if _is_our_set(n, tag, family) and n not in keep]
+    if stale:
+        _ipset("restore", script="".join(f"destroy {n}\n" for n in sorted(stale)))
 
 
 # ------------------------------------------------------------------------------ tables
@@ -289,13 +306,26 @@ def _apply_table(p: policy.Plan, name: str, isolate: bool) -> None:
             table.refresh()
 
 
-def apply(plan_dict: dict, *, isolate: bool = False) -> None:
-    """Make this family's netfilter hold exactly the plan; see the module docstring."""
+def apply(plan_dict: dict, *, isolate: bool = False, previous: dict | None = None) -> None:
+    """Make this family's netfilter hold exactly the plan; see the module docstring. With
+    `previous`, the plan the kernel held until now, only what changed is written."""
     p = policy.Plan.from_dict(plan_dict)
-    _fill_sets(p.family, p.sets)
+    apply_sets(p.family, p.sets, previous and previous.get("sets"))
+    old = policy.Plan.from_dict(previous) if previous else None
     for name in TABLES:
-        _apply_table(p, name, isolate)
+        if old is None or isolate or _table_part(old, name) != _table_part(p, name):
+            _apply_table(p, name, isolate)
     _drop_sets(p.tag, p.family, keep=set(p.sets))
+
+
+def _table_part(p: policy.Plan, name: str) -> tuple:
+    return ([(c, r) for c, r in p.chains.items() if p.table_of(c) == name],
+            [j for j in p.jumps if j["table"] == name])
+
+
+def only_sets_differ(plan: dict, previous: dict | None) -> bool:
+    return previous is not None and {k: v for k, v in plan.items() if k != "sets"} == \
+        {k: v for k, v in previous.items() if k != "sets"}
 
 
 def _remove(tag: str, family: int) -> None:
@@ -409,11 +439,15 @@ def _cleanup_family(tag: str, family: int, state_dir: str) -> None:
             os.unlink(saved)
 
 
-def apply_apart(plan_dict: dict) -> None:
-    """`apply` in a fresh interpreter (for a running hub, whose process has threads)."""
+def apply_apart(plan_dict: dict, previous: dict | None = None) -> None:
+    """`apply` for a running hub, whose process has threads: a change of group members only
+    is an `ipset restore` from here; anything else runs in a fresh interpreter."""
+    if only_sets_differ(plan_dict, previous):
+        apply_sets(plan_dict["family"], plan_dict["sets"], previous["sets"])
+        return
     done = subprocess.run([sys.executable, "-m", "pytun.server.nat", "apply"],
-                          input=json.dumps(plan_dict), capture_output=True, text=True,
-                          timeout=60)
+                          input=json.dumps({"plan": plan_dict, "previous": previous}),
+                          capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines()
         raise NatError(lines[-1] if lines else f"exit status {done.returncode}")
@@ -421,10 +455,11 @@ def apply_apart(plan_dict: dict) -> None:
 
 def _main(argv: list[str]) -> int:
     if argv != ["apply"]:
-        print("usage: python -m pytun.server.nat apply < PLAN.json", file=sys.stderr)
+        print("usage: python -m pytun.server.nat apply < {plan, previous}.json", file=sys.stderr)
         return 2
     try:
-        apply(json.load(sys.stdin))
+        request = json.load(sys.stdin)
+        apply(request["plan"], previous=request.get("previous"))
     except (NatError, ValueError, KeyError, TypeError) as exc:
         print(f"firewall: {exc}", file=sys.stderr)
         return 1

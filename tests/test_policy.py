@@ -321,3 +321,31 @@ def _agree(spec, rules, who, dst, proto, port) -> str:
                              via_egress=lambda a: out == "eth0")
     assert (kernel == "ACCEPT") == verdict.allowed, (verdict, pkt, [r.text() for r in rules])
     return kernel
+
+
+def test_ipset_changes_are_written_as_a_difference_or_refilled_aside():
+    from pytun.server import nat
+    sets = {"pt-a-00000001-4": ["10.77.0.2/32", "10.77.0.4/32"], "pt-a-00000002-4": []}
+    # First time, nothing in the kernel: create and fill.
+    assert nat.sets_script(4, sets, None, set()).splitlines() == [
+        "create pt-a-00000001-4 hash:net family inet maxelem 65536",
+        "add pt-a-00000001-4 10.77.0.2/32", "add pt-a-00000001-4 10.77.0.4/32",
+        "create pt-a-00000002-4 hash:net family inet maxelem 65536"]
+    # After a crash the sets exist but what they hold is unknown: refilled aside, swapped in.
+    lines = nat.sets_script(4, {"pt-a-00000001-4": ["10.77.0.2/32"]}, None,
+                            {"pt-a-00000001-4", "pt-a-00000001-4t"})
+    assert lines.splitlines() == [
+        "destroy pt-a-00000001-4t", "create pt-a-00000001-4t hash:net family inet maxelem 65536",
+        "add pt-a-00000001-4t 10.77.0.2/32", "swap pt-a-00000001-4t pt-a-00000001-4",
+        "destroy pt-a-00000001-4t"]
+    # A peer moving between groups is one del and one add.
+    moved = {"pt-a-00000001-4": ["10.77.0.2/32"], "pt-a-00000002-4": ["10.77.0.4/32"]}
+    assert nat.sets_script(6 - 2, moved, sets, set(sets)).splitlines() == [
+        "del pt-a-00000001-4 10.77.0.4/32 -exist", "add pt-a-00000002-4 10.77.0.4/32 -exist"]
+    assert nat.sets_script(4, sets, sets, set(sets)) == ""
+    assert "family inet6" in nat.sets_script(6, {"pt-a-00000003-6": ["fd77::2/128"]}, None, set())
+    assert nat.only_sets_differ({"family": 4, "sets": {"x": ["1"]}, "chains": {}},
+                                {"family": 4, "sets": {"x": []}, "chains": {}})
+    assert not nat.only_sets_differ({"family": 4, "sets": {}, "chains": {"c": []}},
+                                    {"family": 4, "sets": {}, "chains": {}})
+    assert not nat.only_sets_differ({"family": 4, "sets": {}}, None)
