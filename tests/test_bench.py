@@ -179,3 +179,23 @@ def test_memory_server_small_hub_reports_every_session_and_leaves_nothing(netns_
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     mine = re.compile(rf"^[a-z]+{proc.pid}-[0-9a-f]+\b")
     assert not [n for n in left.splitlines() if mine.match(n)], left
+
+
+@pytest.mark.netns
+def test_policy_bench_small_prints_every_figure_and_leaves_nothing(netns_ok):
+    """bench/policy.py with small numbers: 60 peers, 5 rules, 1 s per iperf3 run."""
+    require_tools("wireguard-go", "wg", "iperf3", "ping", "ss", "ipset")
+    proc = run_bench(["bench/policy.py", "--peers", "60", "--rules", "5", "--seconds", "1",
+                      "--repeat", "1", "--json"], timeout=120)
+    assert proc.returncode == 0, f"{proc.out}\n{proc.err[-3000:]}"
+    r = json.loads(proc.out)
+    assert (r["peers"], r["rules"]) == (60, 5)
+    for key in ("plan_s", "apply_s", "access_add_s", "set_groups_s"):
+        assert 0 < r[key] < 30, (key, r[key])
+    for label in ("none1", "rules1", "none2", "rules2"):
+        assert r[f"{label}_tcp_mbps"] > 1 and r[f"{label}_cpu_s_per_gb"] > 0, (label, r)
+    # Every peer is in `everyone` and two more groups: 3 entries each, plus the sources set.
+    assert r["entries"] >= 3 * 60 and r["kernel_rules"] >= 5
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    mine = re.compile(rf"^[a-z]+{proc.pid}-[0-9a-f]+\b")
+    assert not [n for n in left.splitlines() if mine.match(n)], left
