@@ -29,7 +29,10 @@ import sys
 import time
 from typing import Callable, Iterable, Sequence, TypeVar
 
-import pytest
+try:
+    import pytest
+except ImportError:  # scripts/demo and bench/ use these helpers with the installed product
+    pytest = None
 
 UNDERLAY = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")
 IFNAMSIZ = 16
@@ -303,8 +306,9 @@ class Topology:
         self.close()
 
 
-@pytest.fixture
-def topology(netns_ok):
-    """A Topology closed after the test; import it into a test module to use it."""
-    with Topology() as topo:
-        yield topo
+if pytest is not None:
+    @pytest.fixture
+    def topology(netns_ok):
+        """A Topology closed after the test; import it into a test module to use it."""
+        with Topology() as topo:
+            yield topo
