@@ -110,6 +110,7 @@ class Netns:
         self.name = name or unique("ns")
         self.procs: list[subprocess.Popen] = []
         _live[self.name] = self  # before it exists, so an interrupt cannot leak it
+        _note_for_the_leak_check(self.name)
         try:
             _run(["ip", "netns", "add", self.name])
         except BaseException:
@@ -184,6 +185,15 @@ class Netns:
         finally:
             del _live[self.name]
             _run(["ip", "netns", "del", self.name], check=False)
+
+
+def _note_for_the_leak_check(name: str) -> None:
+    """Under pytest (also in its subprocesses), tests/conftest.py checks at the end of the
+    session that every namespace named in this file is gone."""
+    log = os.environ.get("PYTUN_TEST_NETNS_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(name + "\n")
 
 
 def _signal(pid: int, sig: int) -> None:
