@@ -126,7 +126,8 @@ def cmd_up(args) -> int:
         log.warning("no AllowedIPs in %s: nothing will go through the tunnel", args.config)
     t = tunnel.Tunnel(cfg, ifname, args.config, directory)
     try:
-        trio.run(t.run)
+        with cli.unwrapped():  # an error in one of the tunnel's tasks comes in a group of one
+            trio.run(t.run, strict_exception_groups=True)
     except KeyboardInterrupt:
         pass
     finally:

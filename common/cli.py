@@ -1,19 +1,58 @@
-"""What the pytun commands share: run a subcommand and turn failures into one clear line."""
+"""What the pytun commands share: run a subcommand and turn failures into one clear line.
+
+The hub and the client run under trio with strict exception groups (trio's default since 0.25,
+and asked for explicitly by both): an error that leaves a nursery arrives wrapped in an
+ExceptionGroup, even when it is the only one. `unwrapped()` turns a group that holds one error
+back into that error, so the usual `except` clauses, and the one-line messages, still apply.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 
-def run(prog: str, fn, args, expected: tuple) -> int:
-    """fn(args)'s exit code; an expected error, an OSError or Ctrl-C becomes one stderr line."""
+def sole_error(exc: BaseException) -> BaseException:
+    """The one error inside a group (however deeply nested), or exc itself. A group of several
+    errors stays a group, unless one is a KeyboardInterrupt: Ctrl-C wins."""
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+            continue
+        interrupts = exc.subgroup(KeyboardInterrupt)
+        if interrupts is None:
+            break
+        exc = interrupts
+    return exc
+
+
+@contextlib.contextmanager
+def unwrapped():
+    """Re-raise an exception group that holds one error as that error."""
     try:
-        return fn(args)
+        yield
+    except BaseExceptionGroup as group:
+        exc = sole_error(group)
+        if exc is group:
+            raise
+        raise exc from exc.__cause__  # keeps its own cause; the group around it is noise
+
+
+def describe_os_error(exc: OSError) -> str:
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
+def run(prog: str, fn, args, expected: tuple) -> int:
+    """fn(args)'s exit code; an expected error, an OSError or Ctrl-C becomes one stderr line,
+    also when it comes out of a trio nursery in an exception group."""
+    try:
+        with unwrapped():
+            return fn(args)
     except expected as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
     except OSError as exc:
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -19,7 +19,8 @@ firewall and sysctls are never changed. Every process is stopped by its PID and 
 deleted at the end, also on failure, Ctrl-C or SIGTERM, and all of it is bounded in time.
 Each check prints one PASS or FAIL line; the exit status is 0 only if all passed.
 
-Run it as root: `scripts/demo` (installs what is missing first) or `python3 scripts/demo.py`.
+Run it as root: `scripts/demo` (installs what is missing first) or, once installed,
+`/opt/pytun/bin/python scripts/demo.py`.
 """
 
 from __future__ import annotations

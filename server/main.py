@@ -9,7 +9,7 @@ import sys
 
 import trio
 
-from ..common import __version__, linux
+from ..common import __version__, cli, linux
 from . import nat, state
 from .hub import Hub, StartupError
 from .registry import RegistryError, SqliteRegistry
@@ -71,9 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pytun-server: {exc}", file=sys.stderr)
         return 1
     try:
-        trio.run(Hub(state_dir, settings, private_key, registry).run)
+        with cli.unwrapped():  # an error in one of the hub's tasks comes in a group of one
+            trio.run(Hub(state_dir, settings, private_key, registry).run,
+                     strict_exception_groups=True)
     except StartupError as exc:
         print(f"pytun-server: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"pytun-server: error: {cli.describe_os_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass

@@ -29,7 +29,10 @@ import sys
 import time
 from typing import Callable, Iterable, Sequence, TypeVar
 
-import pytest
+try:
+    import pytest
+except ImportError:  # scripts/demo and bench/ use these helpers with the installed product
+    pytest = None
 
 UNDERLAY = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")
 IFNAMSIZ = 16
@@ -107,6 +110,7 @@ class Netns:
         self.name = name or unique("ns")
         self.procs: list[subprocess.Popen] = []
         _live[self.name] = self  # before it exists, so an interrupt cannot leak it
+        _note_for_the_leak_check(self.name)
         try:
             _run(["ip", "netns", "add", self.name])
         except BaseException:
@@ -181,6 +185,15 @@ class Netns:
         finally:
             del _live[self.name]
             _run(["ip", "netns", "del", self.name], check=False)
+
+
+def _note_for_the_leak_check(name: str) -> None:
+    """Under pytest (also in its subprocesses), tests/conftest.py checks at the end of the
+    session that every namespace named in this file is gone."""
+    log = os.environ.get("PYTUN_TEST_NETNS_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(name + "\n")
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -303,8 +316,9 @@ class Topology:
         self.close()
 
 
-@pytest.fixture
-def topology(netns_ok):
-    """A Topology closed after the test; import it into a test module to use it."""
-    with Topology() as topo:
-        yield topo
+if pytest is not None:
+    @pytest.fixture
+    def topology(netns_ok):
+        """A Topology closed after the test; import it into a test module to use it."""
+        with Topology() as topo:
+            yield topo

@@ -16,6 +16,8 @@ import tomllib
 
 import pytest
 
+from .conftest import skip_or_fail
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
@@ -25,7 +27,7 @@ SCRIPTS = PYPROJECT["project"]["scripts"]  # name -> "module:function"
 def module_of(name: str) -> str:
     module = SCRIPTS[name].partition(":")[0]
     if name == "pytun-client" and importlib.util.find_spec(module) is None:
-        pytest.skip("pytun-client is not installed")
+        skip_or_fail("needs pytun-client, which is not installed")
     return module
 
 

@@ -190,6 +190,7 @@ def test_endpoint_helpers():
     assert config.format_endpoint(("host.example", 7)) == "host.example:7"
 
 
+@pytest.mark.netns
 def test_stock_wg_setconf_accepts_strip(tmp_path, topology):
     """The stripped form is what the real `wg setconf` reads: wireguard-go in a namespace."""
     require_tools("wg", "wireguard-go")

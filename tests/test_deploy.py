@@ -28,7 +28,7 @@ import pytest
 from pytun.common import config
 from pytun.server import nat, state
 
-from .conftest import require_tools
+from .conftest import require_installed, require_root, require_tools
 from .netns import topology, wait_until  # noqa: F401 (fixture)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -242,13 +242,12 @@ def test_the_cleanup_the_hub_unit_runs_works_in_a_fresh_namespace(topology, tmp_
 
 
 def test_systemd_analyze_verify_accepts_the_units(tmp_path):
+    require_tools("systemd-analyze")
     analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed; the units were checked by the parser above")
     # verify also checks that each command exists: point the units at this machine's scripts.
     where = {name: shutil.which(name) for name in ("pytun-server", "pytun-client")}
     if not all(where.values()):
-        pytest.skip(f"console scripts not on PATH ({where}); run scripts/install-deps")
+        require_installed(f"console scripts not on PATH ({where}); run scripts/install-deps")
     copies = []
     for src, dst in ((SERVER_UNIT, "pytun-server.service"),
                      (CLIENT_UNIT, "pytun-client@example.service")):
@@ -261,6 +260,79 @@ def test_systemd_analyze_verify_accepts_the_units(tmp_path):
                           text=True, timeout=60, cwd=tmp_path)
     ours = [line for line in (done.stdout + done.stderr).splitlines() if "pytun" in line]
     assert done.returncode == 0 and not ours, done.stdout + done.stderr
+
+
+# ---------------------------------------------------------------------------------- installed
+
+# The hub unit's Exec lines, run as its ExecStartPre, ExecStart and ExecStopPost would: from
+# the installed commands, in systemd's bare environment, with /root and /home hidden
+# (ProtectHome=yes) and this checkout hidden too, so an editable install, or a venv made on an
+# interpreter under /root, fails here the way the real unit would fail. It runs in a private
+# mount namespace and an anonymous network namespace (`unshare --mount --net`), which vanish
+# with it: the hub's TUN device, firewall rules and ip_forward stay in there.
+INSTALLED_HUB = r"""
+set -u
+hide=$1 log=$2 pre=$3 start=$4 post=$5
+mount --make-rprivate /
+for d in $hide; do
+  [ -d "$d" ] && mount -t tmpfs -o size=1m,mode=0755 hidden "$d" || exit 90
+done
+[ -z "$(ls -A /root)" ] || exit 91
+cd /
+ip link set lo up
+step() { name=$1; shift; "$@"; echo "== $name exit $?"; }
+step ExecStartPre sh -c "$pre"
+step init pytun-admin init --subnet 10.77.0.0/24 --endpoint vpn.example.com
+sh -c "exec $start" 2>"$log" &
+hub=$!
+up=no
+for _ in $(seq 300); do  # up to 30 s: it says "hub up" once it also handles SIGTERM
+  kill -0 "$hub" 2>/dev/null || break
+  if grep -qs "hub up" "$log"; then up=yes; break; fi
+  sleep 0.1
+done
+echo "== hub up: $up"
+kill -TERM "$hub" 2>/dev/null
+wait "$hub"
+echo "== ExecStart exit $?"
+cat "$log" >&2
+step ExecStopPost sh -c "$post"
+"""
+
+
+def installed_hub_lines() -> dict[str, str]:
+    """The hub unit's command lines, with systemd's `-` and similar prefixes taken off."""
+    unit = parse_unit(SERVER_UNIT)
+    return {key: line.lstrip("-@:+!") for key, line in exec_lines(unit)}
+
+
+@pytest.mark.netns  # an anonymous network namespace (unshare --net), nothing named
+def test_the_hub_units_commands_run_from_the_installed_product_with_root_hidden(tmp_path):
+    require_root("hides /root in a private mount namespace")
+    require_tools("unshare", "ip")
+    lines = installed_hub_lines()
+    for key in ("ExecStartPre", "ExecStart", "ExecStopPost"):
+        path = shlex.split(lines[key])[0]
+        if not os.path.exists(path):
+            require_installed(f"{path} is missing: run scripts/install-deps")
+    unit = parse_unit(SERVER_UNIT)
+    env = dict(v.split("=", 1) for v in values(unit, "Service", "Environment"))
+    state_dir = tmp_path / "state"
+    env.update(PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+               PYTUN_STATE_DIR=str(state_dir), LANG="C.UTF-8")
+    hide = ["/root", *(["/home"] if os.path.isdir("/home") else []), str(REPO)]
+    done = subprocess.run(
+        ["unshare", "--mount", "--net", "sh", "-c", INSTALLED_HUB, "sh", " ".join(hide),
+         str(tmp_path / "hub.log"), lines["ExecStartPre"], lines["ExecStart"], lines["ExecStopPost"]],
+        env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, cwd="/")
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "No module named" not in out and "Traceback" not in out, out
+    for step in ("ExecStartPre", "init", "ExecStopPost"):
+        assert f"== {step} exit 0" in done.stdout.splitlines(), out
+    assert "== hub up: yes" in done.stdout, out
+    assert "== ExecStart exit 0" in done.stdout, out  # SIGTERM is a clean stop
+    assert "hub up: pytun0 10.77.0.1/24" in done.stderr, out
 
 
 # ---------------------------------------------------------------------------------- sandbox

@@ -32,6 +32,7 @@ def test_wait_until_returns_value_or_says_what():
         wait_until(lambda: False, timeout=0.1, what="the moon")
 
 
+@pytest.mark.netns
 def test_veth_ping_and_nothing_in_root(topology):
     before = root_links()
     a, b = topology.netns("a"), topology.netns("b")
@@ -44,6 +45,7 @@ def test_veth_ping_and_nothing_in_root(topology):
     assert a.sysctl("net.ipv4.ip_forward") == "0"
 
 
+@pytest.mark.netns
 def test_failed_command_is_an_assertion_with_output(topology):
     ns = topology.netns("f")
     with pytest.raises(CommandFailed, match="No such file or directory|does not exist"):
@@ -52,6 +54,7 @@ def test_failed_command_is_an_assertion_with_output(topology):
     assert ns.python("print(6 * 7)").stdout == "42\n"
 
 
+@pytest.mark.netns
 def test_close_stops_processes_and_stragglers(netns_ok):
     with Topology() as topo:
         ns = topo.netns("p")
@@ -68,6 +71,7 @@ def test_close_stops_processes_and_stragglers(netns_ok):
                                       text=True).stdout
 
 
+@pytest.mark.netns
 def test_topology_closes_on_exception(netns_ok):
     with pytest.raises(RuntimeError):
         with Topology() as topo:
