@@ -27,7 +27,7 @@ IPInterface = IPv4Interface | IPv6Interface
 IPNetwork = IPv4Network | IPv6Network
 
 SCHEMA_VERSION = 1
-NAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,32}$")
+NAME_RE = re.compile(r"[A-Za-z0-9._@-]{1,32}")  # always fullmatch: `$` would let "alice\n" in
 
 
 class RegistryError(ValueError):
@@ -35,7 +35,7 @@ class RegistryError(ValueError):
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise RegistryError(f"bad peer name {name!r}: use 1-32 characters of A-Z a-z 0-9 . _ @ -")
     return name
 

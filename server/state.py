@@ -30,7 +30,7 @@ REGISTRY_FILE = "registry.db"
 CONTROL_SOCKET = "control.sock"
 SETTINGS_VERSION = 1
 
-_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 
 class StateError(ValueError):
@@ -96,7 +96,7 @@ class HubSettings:
             raise StateError(f"listen port must be from 1 to 65535, not {self.listen_port!r}")
         self.endpoint = normalize_endpoint(str(self.endpoint), self.listen_port)
         for name in (self.interface, self.egress):
-            if name is not None and not _IFNAME.match(str(name)):
+            if name is not None and not _IFNAME.fullmatch(str(name)):
                 raise StateError(f"bad interface name {name!r}: 1-15 of A-Z a-z 0-9 _ . -")
         if not isinstance(self.mtu, int) or not 1280 <= self.mtu <= 9000:
             raise StateError(f"MTU must be from 1280 to 9000, not {self.mtu!r}")
