@@ -1,7 +1,7 @@
 """pytun-admin: set up the hub and manage the people who may connect to it.
 
     pytun-admin init --subnet 10.77.0.0/24 --endpoint vpn.example.com
-    pytun-admin add-peer alice > alice.conf
+    pytun-admin add-peer alice -o alice.conf
     pytun-admin list-peers
     pytun-admin show
 
@@ -14,14 +14,16 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import io
 import os
+import stat
 import sys
 import time
 
 from pytun.common import __version__, cli, config, keys
 
 from . import control, state
-from .registry import Peer, RegistryError, SqliteRegistry
+from .registry import Peer, RegistryError, SqliteRegistry, check_site
 
 PROG = "pytun-admin"
 DEFAULT_KEEPALIVE = 25
@@ -105,6 +107,59 @@ def _qr_text(text: str) -> str:
     return out.getvalue()
 
 
+def _attached_networks() -> list:
+    """The networks of every address configured on this host's interfaces (the admin runs on
+    the hub's host, in its namespace)."""
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            found = []
+            for msg in ipr.get_addr():
+                for attr in ("IFA_LOCAL", "IFA_ADDRESS"):
+                    if addr := msg.get_attr(attr):
+                        found.append(ipaddress.ip_network(f"{addr.split('%')[0]}/{msg['prefixlen']}",
+                                                          strict=False))
+            return found
+    except (ImportError, OSError, ValueError) as exc:
+        raise AdminError(f"cannot read this host's addresses to check --site: {exc}") from None
+
+
+def _check_sites(settings, sites: list) -> None:
+    """A site must not capture what the hub itself routes or is attached to."""
+    if not sites:
+        return
+    for site in sites:
+        check_site(site)
+    taken = [(net, "a --route network of the hub") for net in settings.routes]
+    taken += [(net, "a network this host is attached to") for net in _attached_networks()]
+    for site in sites:
+        for net, what in taken:
+            if net.version == site.version and net.overlaps(site):
+                raise AdminError(f"site {site} overlaps {net}, {what}")
+
+
+def _secret_stdout() -> None:
+    """The config (a private key) is about to go to stdout: a regular file there (`> x.conf`)
+    must be ours and is made 0600 first; a pipe or a terminal is fine."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        return  # not a file descriptor at all
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return
+    if st.st_uid != os.geteuid():
+        raise AdminError("stdout is a file owned by someone else, who could read the private "
+                         "key; use -o FILE")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        try:
+            os.fchmod(fd, 0o600)
+        except OSError as exc:
+            raise AdminError(f"cannot make stdout's file private (mode 0600): {exc.strerror}; "
+                             f"use -o FILE") from None
+
+
 def cmd_add_peer(args) -> int:
     keepalive = DEFAULT_KEEPALIVE if args.keepalive is None else args.keepalive
     if not 0 <= keepalive <= 65535:
@@ -116,6 +171,8 @@ def cmd_add_peer(args) -> int:
         hub_public = keys.public_from_private(state.load_private_key(args.state_dir))
         if args.public_key is not None:
             public, private = keys.parse_public(args.public_key), None
+            if public == hub_public:
+                raise AdminError("--public-key is the hub's own public key")
         else:
             private = keys.generate_private()
             public = keys.public_from_private(private)
@@ -129,14 +186,25 @@ def cmd_add_peer(args) -> int:
             if address.network.prefixlen != address.max_prefixlen:
                 raise AdminError(f"--ip {args.ip} must be a single address, without a prefix")
         else:
-            address = registry.allocate_address(settings.subnet, reserved)
+            address = registry.allocate_address(settings.subnet, reserved)  # a first proposal
         peer = Peer(name=args.name, public_key=keys.encode_key(public), address=address,
                     sites=_networks(args.site, "site"), full_tunnel=args.full_tunnel,
                     keepalive=keepalive, preshared_key=psk and keys.encode_key(psk))
-        text = config.render(_peer_config(settings, hub_public, peer, private, psk),
-                             placeholder_public_key=None if private else public)
-        qr = _qr_text(text) if args.qr else None
-        registry.add(peer, subnet=settings.subnet, reserved=reserved)
+        _check_sites(settings, peer.sites)
+        if args.qr:
+            _qr_text("")  # the qrcode package is there (before anything is stored)
+        if args.qr or not args.output:
+            _secret_stdout()
+        # Without --ip, the address is chosen again inside the write transaction: another
+        # pytun-admin may have taken the proposal meanwhile.
+        registry.add(peer, subnet=settings.subnet, reserved=reserved, allocate=args.ip is None)
+        try:
+            text = config.render(_peer_config(settings, hub_public, peer, private, psk),
+                                 placeholder_public_key=None if private else public)
+            qr = _qr_text(text) if args.qr else None
+        except BaseException:
+            registry.remove(peer.name)  # nothing stored when the config cannot be shown
+            raise
         if args.output:
             try:
                 keys.write_secret_file(args.output, text)

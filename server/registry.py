@@ -90,8 +90,12 @@ class Registry(abc.ABC):
     """What the hub and pytun-admin need from a peer store (SQLite now, PostgreSQL later)."""
 
     @abc.abstractmethod
-    def add(self, peer: Peer, *, subnet: IPNetwork | None = None, reserved: set = frozenset()) -> None:
-        """Store a new peer. With `subnet`, its address must be a free host of that subnet."""
+    def add(self, peer: Peer, *, subnet: IPNetwork | None = None, reserved: set = frozenset(),
+            allocate: bool = False) -> None:
+        """Store a new peer. With `subnet`, its address must be a free host of that subnet;
+        with `allocate` too, `peer.address` is replaced by the lowest free host, chosen inside
+        the write transaction (so concurrent adds never pick the same one). Names are unique
+        regardless of case."""
 
     @abc.abstractmethod
     def remove(self, name: str) -> Peer: ...
@@ -137,6 +141,27 @@ def check_in_subnet(address: IPInterface, subnet: IPNetwork, reserved=frozenset(
         raise RegistryError(f"address {ip} is not a host address of {subnet}")
     if ip == subnet.network_address + 1 or ip in {ipaddress.ip_interface(r).ip for r in reserved}:
         raise RegistryError(f"address {ip} is reserved for the hub")
+
+
+# Networks no site may overlap: routed to a laptop they would capture the hub's own loopback,
+# link-local or multicast traffic (and a /0 overlaps them all: everything would go to one laptop).
+_NOT_A_SITE = [(ipaddress.ip_network(n), what) for n, what in (
+    ("0.0.0.0/8", "the unspecified range"), ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"), ("224.0.0.0/4", "multicast"),
+    ("255.255.255.255/32", "broadcast"), ("::/128", "the unspecified address"),
+    ("::1/128", "loopback"), ("fe80::/10", "link-local"), ("ff00::/8", "multicast"))]
+
+
+def check_site(site: IPNetwork) -> None:
+    """Refuse a site that would route the hub's own or everyone's traffic to one peer."""
+    if site.prefixlen == 0:
+        raise RegistryError(f"site {site} is a default route: it would send everything to one "
+                            f"peer (a laptop that wants all its traffic via the hub is "
+                            f"--full-tunnel)")
+    for special, what in _NOT_A_SITE:
+        if special.version == site.version and special.overlaps(site):
+            raise RegistryError(f"site {site} overlaps {what} ({special}); it cannot be a "
+                                f"network behind a peer")
 
 
 _SCHEMA = """
@@ -239,7 +264,11 @@ class SqliteRegistry(Registry):
             except sqlite3.Error as exc:
                 raise RegistryError(f"registry {self.path}: {exc}") from None
 
-    def add(self, peer: Peer, *, subnet=None, reserved=frozenset()) -> None:
+    def add(self, peer: Peer, *, subnet=None, reserved=frozenset(), allocate=False) -> None:
+        for site in peer.sites:
+            check_site(site)
+        if allocate and subnet is None:
+            raise ValueError("allocate needs the subnet")
         if subnet is not None:
             check_in_subnet(peer.address, subnet, reserved)
             for site in peer.sites:
@@ -251,8 +280,15 @@ class SqliteRegistry(Registry):
                 row = db.execute(f"SELECT name FROM peers WHERE {column} = ?", (value,)).fetchone()
                 return row and row[0]
 
-            if owner("name", peer.name):
-                raise RegistryError(f"a peer named {peer.name!r} already exists")
+            if allocate:
+                peer.address = self._lowest_free(db, ipaddress.ip_network(subnet), reserved)
+            # Unique regardless of case (NOCASE folds ASCII, all a name may hold), checked here
+            # rather than by an index that a registry already holding both would fail to build.
+            row = db.execute("SELECT name FROM peers WHERE name = ? COLLATE NOCASE",
+                             (peer.name,)).fetchone()
+            if row:
+                same = "" if row[0] == peer.name else " (names are case-insensitive)"
+                raise RegistryError(f"a peer named {row[0]!r} already exists{same}")
             if other := owner("public_key", peer.public_key):
                 raise RegistryError(f"that public key already belongs to peer {other!r}")
             if other := owner("address", str(peer.address)):
@@ -302,8 +338,16 @@ class SqliteRegistry(Registry):
         return sorted(peers, key=lambda p: (p.address.version, int(p.address.ip)))
 
     def allocate_address(self, subnet, reserved=frozenset()) -> IPInterface:
-        subnet = ipaddress.ip_network(subnet)
-        taken = {ipaddress.ip_interface(a).ip for (a,) in self._read("SELECT address FROM peers")}
+        """A proposal only: add(..., allocate=True) picks the address that is stored."""
+        with self._lock:
+            try:
+                return self._lowest_free(self._db, ipaddress.ip_network(subnet), reserved)
+            except sqlite3.Error as exc:
+                raise RegistryError(f"registry {self.path}: {exc}") from None
+
+    @staticmethod
+    def _lowest_free(db, subnet, reserved) -> IPInterface:
+        taken = {ipaddress.ip_interface(a).ip for (a,) in db.execute("SELECT address FROM peers")}
         taken |= {ipaddress.ip_interface(r).ip for r in reserved}
         taken.add(subnet.network_address + 1)  # the hub's own address
         last = subnet.broadcast_address - (1 if subnet.version == 4 else 0)
