@@ -70,7 +70,8 @@ def cmd_init(args) -> int:
     settings = state.HubSettings(
         subnet=args.subnet, endpoint=args.endpoint, listen_port=args.listen_port,
         interface=args.interface, mtu=args.mtu, egress=args.egress, dns=_csv(args.dns),
-        routes=_csv(args.route), allow_peer_to_peer=args.allow_peer_to_peer)
+        routes=_csv(args.route), allow_peer_to_peer=args.allow_peer_to_peer,
+        under_load_threshold=args.under_load)
     public = state.init_state(args.state_dir, settings)
     print(f"initialised {args.state_dir}: subnet {settings.subnet}, hub address "
           f"{settings.address}, endpoint {settings.endpoint}; hub public key:", file=sys.stderr)
@@ -349,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="networks behind the hub that laptops should reach")
     sp.add_argument("--allow-peer-to-peer", action="store_true",
                     help="let peers reach each other through the hub")
+    sp.add_argument("--under-load", type=int, default=state.DEFAULT_UNDER_LOAD,
+                    metavar="PER_SECOND",
+                    help="handshake messages a second above which the hub answers with cookies "
+                         f"and limits each source (default {state.DEFAULT_UNDER_LOAD})")
 
     sp = add("add-peer", cmd_add_peer, "register a peer and print its wg-quick config")
     sp.add_argument("name", metavar="NAME")

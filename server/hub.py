@@ -46,7 +46,8 @@ class Hub:
         self.settings = settings
         self.registry = registry
         self.device = Device(private_key, mtu=settings.mtu,
-                             allow_peer_to_peer=settings.allow_peer_to_peer)
+                             allow_peer_to_peer=settings.allow_peer_to_peer,
+                             under_load_threshold=settings.under_load_threshold)
         self.peers: dict[str, tuple[tuple, object]] = {}  # name -> (spec, engine peer)
         self.driver: Driver | None = None
         self.sock = None

@@ -29,6 +29,7 @@ PRIVATE_KEY_FILE = "private.key"
 REGISTRY_FILE = "registry.db"
 CONTROL_SOCKET = "control.sock"
 SETTINGS_VERSION = 1
+DEFAULT_UNDER_LOAD = 1000  # handshake messages a second
 
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
@@ -83,6 +84,7 @@ class HubSettings:
     dns: list[IPv4Address | IPv6Address] = field(default_factory=list)
     routes: list[IPv4Network | IPv6Network] = field(default_factory=list)
     allow_peer_to_peer: bool = False
+    under_load_threshold: int = DEFAULT_UNDER_LOAD
 
     def __post_init__(self) -> None:
         try:
@@ -109,6 +111,10 @@ class HubSettings:
         except ValueError as exc:
             raise StateError(f"bad route: {exc}") from None
         self.allow_peer_to_peer = bool(self.allow_peer_to_peer)
+        if (not isinstance(self.under_load_threshold, int) or isinstance(self.under_load_threshold, bool)
+                or not 1 <= self.under_load_threshold <= 1_000_000):
+            raise StateError(f"under-load threshold must be from 1 to 1000000 handshakes a "
+                             f"second, not {self.under_load_threshold!r}")
 
     @property
     def address(self) -> IPv4Interface | IPv6Interface:
@@ -120,6 +126,8 @@ class HubSettings:
         d["subnet"] = str(self.subnet)
         d["dns"] = [str(x) for x in self.dns]
         d["routes"] = [str(x) for x in self.routes]
+        if self.under_load_threshold == DEFAULT_UNDER_LOAD:
+            del d["under_load_threshold"]  # unchanged: the file stays what older hubs read
         return json.dumps({"version": SETTINGS_VERSION, **d}, indent=2) + "\n"
 
     @classmethod
