@@ -126,6 +126,23 @@ class Registry(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    # -- handshake replay state and batched endpoint notes (the hub writes these) -------------
+
+    @abc.abstractmethod
+    def handshake_timestamps(self) -> dict[str, bytes]:
+        """The greatest TAI64N timestamp (12 bytes) accepted from each public key (base64).
+        Kept per key, not per peer: it outlives remove/re-add, disable/enable and restarts."""
+
+    @abc.abstractmethod
+    def raise_handshake_timestamps(self, items) -> None:
+        """Store each (public key, timestamp) unless a greater one is stored; one transaction.
+        Does not move change_token()."""
+
+    @abc.abstractmethod
+    def record_endpoints(self, items) -> int:
+        """record_endpoint for many (name, endpoint, last_handshake) in one transaction;
+        names no longer registered are skipped. Returns how many rows were updated."""
+
     def __enter__(self):
         return self
 
@@ -180,6 +197,13 @@ CREATE TABLE peers (
     last_handshake INTEGER
 );
 """
+# Created by _setup at any schema version (IF NOT EXISTS): not part of the versioned schema.
+_TIMESTAMPS_TABLE = """
+CREATE TABLE IF NOT EXISTS handshake_timestamps (
+    public_key TEXT PRIMARY KEY,
+    tai64n BLOB NOT NULL
+)
+"""
 _COLUMNS = ("name", "public_key", "address", "sites", "full_tunnel", "keepalive", "disabled",
             "created", "preshared_key", "endpoint", "last_handshake")
 
@@ -231,6 +255,7 @@ class SqliteRegistry(Registry):
             elif version > SCHEMA_VERSION:
                 raise RegistryError(f"{self.path} has schema version {version}; this pytun "
                                     f"understands up to {SCHEMA_VERSION}")
+            db.execute(_TIMESTAMPS_TABLE)  # any schema version; see "Handshake replay state"
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -372,6 +397,41 @@ class SqliteRegistry(Registry):
     def change_token(self) -> tuple[int, int]:
         (data_version,), = self._read("PRAGMA data_version")
         return data_version, self._commits
+
+    # -- handshake replay state and batched endpoint notes --------------------------------------
+
+    def handshake_timestamps(self) -> dict[str, bytes]:
+        return {k: bytes(t) for k, t in self._read("SELECT public_key, tai64n FROM handshake_timestamps")}
+
+    def raise_handshake_timestamps(self, items) -> None:
+        rows = [(public_key, bytes(t)) for public_key, t in items]
+        for _, t in rows:
+            if len(t) != 12:
+                raise RegistryError("a TAI64N timestamp is 12 bytes")
+        if not rows:
+            return
+
+        def upsert(db):
+            # max() of two BLOBs compares bytes: TAI64N is big-endian, so that is time order.
+            db.executemany("INSERT INTO handshake_timestamps (public_key, tai64n) VALUES (?, ?) "
+                           "ON CONFLICT(public_key) DO UPDATE SET tai64n = max(tai64n, excluded.tai64n)",
+                           rows)
+
+        self._write(upsert, peer_set_changed=False)
+
+    def record_endpoints(self, items) -> int:
+        rows = list(items)
+        if not rows:
+            return 0
+
+        def update(db):
+            n = 0
+            for name, endpoint, last_handshake in rows:
+                n += db.execute("UPDATE peers SET endpoint = ?, last_handshake = ? WHERE name = ?",
+                                (endpoint, last_handshake, name)).rowcount
+            return n
+
+        return self._write(update, peer_set_changed=False)
 
     def close(self) -> None:
         with self._lock:
