@@ -173,8 +173,9 @@ class Hub:
                 continue
             if seen[1]:
                 what = "handshakes" if kind == "handshake" else "moves"
-                log.info("peer %s: %d more %s in %d s, not logged one by one", name, seen[1],
-                         what, round(now - seen[0]))
+                # "at least": the driver hands over only the latest event of a batch
+                log.info("peer %s: at least %d more %s in %d s, not logged one by one", name,
+                         seen[1], what, round(now - seen[0]))
             del self._logged[kind, name]
 
     # -- writing behind -------------------------------------------------------------------------
