@@ -23,7 +23,7 @@ import time
 from pytun.common import __version__, cli, config, keys
 
 from . import control, state
-from .registry import Peer, RegistryError, SqliteRegistry, check_site
+from .registry import Peer, RegistryError, SqliteRegistry
 
 PROG = "pytun-admin"
 DEFAULT_KEEPALIVE = 25
@@ -68,10 +68,10 @@ def _sync(args) -> None:
 
 def cmd_init(args) -> int:
     settings = state.HubSettings(
+        under_load_threshold=args.under_load,
         subnet=args.subnet, endpoint=args.endpoint, listen_port=args.listen_port,
         interface=args.interface, mtu=args.mtu, egress=args.egress, dns=_csv(args.dns),
-        routes=_csv(args.route), allow_peer_to_peer=args.allow_peer_to_peer,
-        under_load_threshold=args.under_load)
+        routes=_csv(args.route), allow_peer_to_peer=args.allow_peer_to_peer)
     public = state.init_state(args.state_dir, settings)
     print(f"initialised {args.state_dir}: subnet {settings.subnet}, hub address "
           f"{settings.address}, endpoint {settings.endpoint}; hub public key:", file=sys.stderr)
@@ -128,6 +128,8 @@ def _attached_networks() -> list:
 
 def _check_sites(settings, sites: list) -> None:
     """A site must not capture what the hub itself routes or is attached to."""
+    from .registry import check_site
+
     if not sites:
         return
     for site in sites:
@@ -188,24 +190,22 @@ def cmd_add_peer(args) -> int:
                 raise AdminError(f"--ip {args.ip} must be a single address, without a prefix")
         else:
             address = registry.allocate_address(settings.subnet, reserved)  # a first proposal
+        _check_sites(settings, _networks(args.site, "site"))
+        if args.qr or not args.output:
+            _secret_stdout()
         peer = Peer(name=args.name, public_key=keys.encode_key(public), address=address,
                     sites=_networks(args.site, "site"), full_tunnel=args.full_tunnel,
                     keepalive=keepalive, preshared_key=psk and keys.encode_key(psk))
-        _check_sites(settings, peer.sites)
-        if args.qr:
-            _qr_text("")  # the qrcode package is there (before anything is stored)
-        if args.qr or not args.output:
-            _secret_stdout()
-        # Without --ip, the address is chosen again inside the write transaction: another
-        # pytun-admin may have taken the proposal meanwhile.
+        text = config.render(_peer_config(settings, hub_public, peer, private, psk),
+                             placeholder_public_key=None if private else public)
+        qr = _qr_text(text) if args.qr else None
+        # Without --ip, the address is chosen again inside the write transaction (another
+        # pytun-admin may have taken the first proposal meanwhile), and the config follows it.
         registry.add(peer, subnet=settings.subnet, reserved=reserved, allocate=args.ip is None)
-        try:
+        if peer.address != address:
             text = config.render(_peer_config(settings, hub_public, peer, private, psk),
                                  placeholder_public_key=None if private else public)
             qr = _qr_text(text) if args.qr else None
-        except BaseException:
-            registry.remove(peer.name)  # nothing stored when the config cannot be shown
-            raise
         if args.output:
             try:
                 keys.write_secret_file(args.output, text)

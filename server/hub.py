@@ -32,11 +32,11 @@ from .registry import Registry, RegistryError
 
 log = logging.getLogger("pytun")
 
+WRITE_EVERY = 1.0  # seconds between registry writes of what the data plane saw
+LOG_EVERY = 10.0  # at most one line per peer and kind of event this often; the rest counted
 REGISTRY_POLL = 1.0
 REDIAL_WITHIN = 600.0  # after a restart, re-dial laptops seen in the last ten minutes
 RECORD_EVERY = 300  # seconds between stored handshake times of a laptop that stays put
-WRITE_EVERY = 1.0  # seconds between registry writes of what the data plane saw
-LOG_EVERY = 10.0  # at most one line per peer and kind of event this often; the rest counted
 
 
 class StartupError(Exception):
@@ -58,17 +58,17 @@ class Hub:
         self.device = Device(private_key, mtu=settings.mtu,
                              allow_peer_to_peer=settings.allow_peer_to_peer,
                              under_load_threshold=settings.under_load_threshold)
-        self.peers: dict[str, tuple[tuple, object]] = {}  # name -> (spec, engine peer)
-        self.driver: Driver | None = None
-        self.sock = None
-        self._token = None
-        self._recorded: dict[str, tuple] = {}  # name -> (endpoint, handshake time) stored
         self.clock = time.monotonic
         self._dirty: dict[str, object] = {}  # name -> engine peer seen to handshake or move
         self._pending_ts: dict[str, bytes] = {}  # public key -> greatest TAI64N, not yet stored
         self._stored_ts: dict[str, bytes] = {}  # public key -> greatest TAI64N known stored
         self._logged: dict[tuple, list] = {}  # (kind, name) -> [time of last line, not logged]
         self.registry_writes = 0  # transactions written behind (for tests and benchmarks)
+        self.peers: dict[str, tuple[tuple, object]] = {}  # name -> (spec, engine peer)
+        self.driver: Driver | None = None
+        self.sock = None
+        self._token = None
+        self._recorded: dict[str, tuple] = {}  # name -> (endpoint, handshake time) stored
 
     # -- registry ------------------------------------------------------------------------------
 
@@ -319,8 +319,8 @@ class Hub:
                 self.driver = driver
                 await nursery.start(control.serve, state.socket_path(self.state_dir),
                                     self.handle_control)
-                nursery.start_soon(self._poll_registry)
                 nursery.start_soon(self.write_behind)
+                nursery.start_soon(self._poll_registry)
                 log.info("hub up: %s %s, UDP port %d, %d peers", ifname, s.address,
                          s.listen_port, len(self.peers))
                 task_status.started()

@@ -27,7 +27,7 @@ IPInterface = IPv4Interface | IPv6Interface
 IPNetwork = IPv4Network | IPv6Network
 
 SCHEMA_VERSION = 1
-NAME_RE = re.compile(r"[A-Za-z0-9._@-]{1,32}")  # always fullmatch: `$` would let "alice\n" in
+NAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,32}$")
 
 
 class RegistryError(ValueError):
@@ -35,7 +35,7 @@ class RegistryError(ValueError):
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):  # match() let "alice\n" in
         raise RegistryError(f"bad peer name {name!r}: use 1-32 characters of A-Z a-z 0-9 . _ @ -")
     return name
 
@@ -197,13 +197,6 @@ CREATE TABLE peers (
     last_handshake INTEGER
 );
 """
-# Created by _setup at any schema version (IF NOT EXISTS): not part of the versioned schema.
-_TIMESTAMPS_TABLE = """
-CREATE TABLE IF NOT EXISTS handshake_timestamps (
-    public_key TEXT PRIMARY KEY,
-    tai64n BLOB NOT NULL
-)
-"""
 _COLUMNS = ("name", "public_key", "address", "sites", "full_tunnel", "keepalive", "disabled",
             "created", "preshared_key", "endpoint", "last_handshake")
 
@@ -248,6 +241,7 @@ class SqliteRegistry(Registry):
         db.execute("PRAGMA synchronous = FULL")
         db.execute("BEGIN IMMEDIATE")
         try:
+            db.execute(_TIMESTAMPS_TABLE)  # at any schema version: see the end of this file
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 db.execute(_SCHEMA.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
@@ -255,7 +249,6 @@ class SqliteRegistry(Registry):
             elif version > SCHEMA_VERSION:
                 raise RegistryError(f"{self.path} has schema version {version}; this pytun "
                                     f"understands up to {SCHEMA_VERSION}")
-            db.execute(_TIMESTAMPS_TABLE)  # any schema version; see "Handshake replay state"
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -439,3 +432,16 @@ class SqliteRegistry(Registry):
 
     def __repr__(self) -> str:
         return f"SqliteRegistry({self.path!r})"
+
+
+# ---------------------------------------------------------------------------------- replay state
+# The greatest TAI64N timestamp accepted from each public key, kept apart from `peers` and keyed
+# by key, so it outlives remove/re-add, disable/enable and restarts. Created by _setup at any
+# schema version (IF NOT EXISTS): it is not part of the versioned schema.
+
+_TIMESTAMPS_TABLE = """
+CREATE TABLE IF NOT EXISTS handshake_timestamps (
+    public_key TEXT PRIMARY KEY,
+    tai64n BLOB NOT NULL
+)
+"""
