@@ -26,7 +26,6 @@ def test_other_whole_string_patterns():
 # ---------------------------------------------------------------------------------- pytun-admin
 
 import ipaddress  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import signal  # noqa: E402

@@ -7,14 +7,14 @@ import random
 
 import pytest
 
-from pytun.common import crypto, keys
+from pytun.common import crypto
 from pytun.common.cookie import RateLimiter
 from pytun.common.crypto import MAC, HASH, LABEL_MAC1
 from pytun.common.device import Device
 from pytun.common import wire
 from pytun.server import admin, state
 from pytun.server.hub import Hub
-from pytun.server.registry import Peer, SqliteRegistry
+from pytun.server.registry import SqliteRegistry
 
 from .enginenet import WALL0, seeded_rng, static_key
 
@@ -58,7 +58,6 @@ def hub_and_laptop(**device_kw):
 
 def hostile_datagrams(hub_public: bytes, initiation: bytes, response: bytes) -> dict[str, list]:
     rng = random.Random(5)
-    mac1_key = HASH(LABEL_MAC1 + hub_public)
     bad_mac1 = []
     for _ in range(300):
         body = bytes([1, 0, 0, 0]) + rng.randbytes(wire.INITIATION_MAC1 - 4)
