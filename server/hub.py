@@ -64,6 +64,7 @@ class Hub:
         self._stored_ts: dict[str, bytes] = {}  # public key -> greatest TAI64N known stored
         self._logged: dict[tuple, list] = {}  # (kind, name) -> [time of last line, not logged]
         self.registry_writes = 0  # transactions written behind (for tests and benchmarks)
+        self._writer_wake: trio.Event | None = None  # set when a peer is marked
         self.peers: dict[str, tuple[tuple, object]] = {}  # name -> (spec, engine peer)
         self.driver: Driver | None = None
         self.sock = None
@@ -150,12 +151,17 @@ class Hub:
         if kind == "handshake":
             self._log_limited(kind, peer.name, "handshake with peer %s from %s",
                               format_endpoint(peer.endpoint))
-            self._dirty[peer.name] = peer
+            self._mark(peer)
         elif kind == "endpoint":
             self._log_limited(kind, peer.name, "peer %s moved to %s", format_endpoint(detail))
-            self._dirty[peer.name] = peer
+            self._mark(peer)
         elif kind == "handshake_gave_up":
             log.info("peer %s: no handshake answer for 90 s, giving up until it calls", peer.name)
+
+    def _mark(self, peer) -> None:
+        self._dirty[peer.name] = peer
+        if self._writer_wake is not None:
+            self._writer_wake.set()
 
     def _log_limited(self, kind: str, name: str, fmt: str, *args) -> None:
         """One line per peer and kind per LOG_EVERY; the others are counted and summed up."""
@@ -236,13 +242,23 @@ class Hub:
                 del self._pending_ts[key]
 
     async def write_behind(self) -> None:
-        """Every WRITE_EVERY: store what the data plane saw, off the event loop."""
+        """Store what the data plane saw, off the event loop: at once when nothing was written
+        in the last WRITE_EVERY (a laptop's first handshake survives a crash right after it),
+        else WRITE_EVERY after the last write, with whatever is newest by then."""
+        last_write = -WRITE_EVERY
         while True:
-            await trio.sleep(WRITE_EVERY)
+            self._writer_wake = trio.Event()
+            if not self._dirty:
+                with trio.move_on_after(WRITE_EVERY):  # also for the log summaries
+                    await self._writer_wake.wait()
+            wait = last_write + WRITE_EVERY - trio.current_time()
+            if wait > 0:
+                await trio.sleep(wait)
             self._log_summaries(self.clock())
             endpoints, timestamps = self._collect()
             if not endpoints and not timestamps:
                 continue
+            last_write = trio.current_time()
             if await trio.to_thread.run_sync(self._store, endpoints, timestamps):
                 self._stored(endpoints, timestamps)
             else:  # try again next time, with whatever is newer by then

@@ -183,9 +183,10 @@ def test_an_endpoint_storm_is_a_few_writes_and_log_lines(world, caplog, monkeypa
 
     with caplog.at_level(logging.INFO, logger="pytun"):
         trio.run(storm, clock=clock)
-    lines = [r.getMessage() for r in caplog.records if "alice" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "move" in r.getMessage()]
     print(f"\n{moves} moves -> {len(writes)} endpoint writes, {len(lines)} log lines: {lines}")
     assert 5 <= len(writes) <= 12  # about one a second over 10 s, never one per move
+    assert len(writes) <= 1 + 10 / hub_module.WRITE_EVERY + 1
     assert all(len(rows) == 1 for rows in writes)  # the latest endpoint of the one peer
     assert world.registry.get("alice").endpoint == f"198.51.100.18:{20000 + moves - 1}"
     assert 1 <= len(lines) <= 3, lines
@@ -236,3 +237,39 @@ def test_the_driver_hands_trio_the_latest_event_per_peer_and_kind():
     finally:
         a.close()
         b.close()
+
+
+def test_a_first_handshake_is_written_at_once_then_at_most_once_a_second(world, monkeypatch):
+    """A hub killed right after a laptop's handshake still re-dials it after the restart."""
+    world.add_laptop()
+    world.hub.sync()
+    clock = trio.testing.MockClock()
+    times = []
+
+    async def run_here(fn, *args):
+        times.append(clock.current_time())
+        return fn(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", run_here)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(world.hub.write_behind)
+            await trio.testing.wait_all_tasks_blocked()
+            world.handshake()  # delivers the handshake event to the hub
+            await trio.testing.wait_all_tasks_blocked()
+            assert world.registry.get("alice").endpoint == "198.51.100.18:40000"
+            assert times == [0.0]  # no clock time passed: written at once
+            peer = world.alice()
+            for port in (1, 2, 3):
+                peer.endpoint = ("198.51.100.18", port)
+                world.hub.on_event("endpoint", peer, peer.endpoint)
+                clock.jump(0.1)
+                await trio.testing.wait_all_tasks_blocked()
+            assert len(times) == 1  # the next write waits for WRITE_EVERY after the last
+            clock.jump(hub_module.WRITE_EVERY)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(times) == 2 and world.registry.get("alice").endpoint == "198.51.100.18:3"
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=clock)
