@@ -172,6 +172,11 @@ def cmd_add_peer(args) -> int:
     settings, registry = _open(args)
     with registry:
         hub_public = keys.public_from_private(state.load_private_key(args.state_dir))
+        _check_sites(settings, _networks(args.site, "site"))
+        if args.qr or not args.output:
+            _secret_stdout()
+        # From here to add(), no other pytun-admin can take the address chosen below.
+        registry.hold_allocation_lock()
         if args.public_key is not None:
             public, private = keys.parse_public(args.public_key), None
             if public == hub_public:
@@ -189,23 +194,14 @@ def cmd_add_peer(args) -> int:
             if address.network.prefixlen != address.max_prefixlen:
                 raise AdminError(f"--ip {args.ip} must be a single address, without a prefix")
         else:
-            address = registry.allocate_address(settings.subnet, reserved)  # a first proposal
-        _check_sites(settings, _networks(args.site, "site"))
-        if args.qr or not args.output:
-            _secret_stdout()
+            address = registry.allocate_address(settings.subnet, reserved)
         peer = Peer(name=args.name, public_key=keys.encode_key(public), address=address,
                     sites=_networks(args.site, "site"), full_tunnel=args.full_tunnel,
                     keepalive=keepalive, preshared_key=psk and keys.encode_key(psk))
         text = config.render(_peer_config(settings, hub_public, peer, private, psk),
                              placeholder_public_key=None if private else public)
         qr = _qr_text(text) if args.qr else None
-        # Without --ip, the address is chosen again inside the write transaction (another
-        # pytun-admin may have taken the first proposal meanwhile), and the config follows it.
-        registry.add(peer, subnet=settings.subnet, reserved=reserved, allocate=args.ip is None)
-        if peer.address != address:
-            text = config.render(_peer_config(settings, hub_public, peer, private, psk),
-                                 placeholder_public_key=None if private else public)
-            qr = _qr_text(text) if args.qr else None
+        registry.add(peer, subnet=settings.subnet, reserved=reserved)
         if args.output:
             try:
                 keys.write_secret_file(args.output, text)

@@ -11,6 +11,7 @@ by polling `change_token()`, which is cheap: it reads SQLite's data_version coun
 from __future__ import annotations
 
 import abc
+import fcntl
 import ipaddress
 import json
 import os
@@ -90,12 +91,8 @@ class Registry(abc.ABC):
     """What the hub and pytun-admin need from a peer store (SQLite now, PostgreSQL later)."""
 
     @abc.abstractmethod
-    def add(self, peer: Peer, *, subnet: IPNetwork | None = None, reserved: set = frozenset(),
-            allocate: bool = False) -> None:
-        """Store a new peer. With `subnet`, its address must be a free host of that subnet;
-        with `allocate` too, `peer.address` is replaced by the lowest free host, chosen inside
-        the write transaction (so concurrent adds never pick the same one). Names are unique
-        regardless of case."""
+    def add(self, peer: Peer, *, subnet: IPNetwork | None = None, reserved: set = frozenset()) -> None:
+        """Store a new peer. With `subnet`, its address must be a free host of that subnet."""
 
     @abc.abstractmethod
     def remove(self, name: str) -> Peer: ...
@@ -142,6 +139,12 @@ class Registry(abc.ABC):
     def record_endpoints(self, items) -> int:
         """record_endpoint for many (name, endpoint, last_handshake) in one transaction;
         names no longer registered are skipped. Returns how many rows were updated."""
+
+    @abc.abstractmethod
+    def hold_allocation_lock(self, timeout: float = 10.0) -> None:
+        """Until close(), be the only writer that chooses addresses: what allocate_address()
+        proposes then stays free until add() stores it. A dead process lets go at once.
+        (SQLite: flock on a file beside the database; PostgreSQL: an advisory lock.)"""
 
     def __enter__(self):
         return self
@@ -282,11 +285,7 @@ class SqliteRegistry(Registry):
             except sqlite3.Error as exc:
                 raise RegistryError(f"registry {self.path}: {exc}") from None
 
-    def add(self, peer: Peer, *, subnet=None, reserved=frozenset(), allocate=False) -> None:
-        for site in peer.sites:
-            check_site(site)
-        if allocate and subnet is None:
-            raise ValueError("allocate needs the subnet")
+    def add(self, peer: Peer, *, subnet=None, reserved=frozenset()) -> None:
         if subnet is not None:
             check_in_subnet(peer.address, subnet, reserved)
             for site in peer.sites:
@@ -298,8 +297,8 @@ class SqliteRegistry(Registry):
                 row = db.execute(f"SELECT name FROM peers WHERE {column} = ?", (value,)).fetchone()
                 return row and row[0]
 
-            if allocate:
-                peer.address = self._lowest_free(db, ipaddress.ip_network(subnet), reserved)
+            for site in peer.sites:
+                check_site(site)
             # Unique regardless of case (NOCASE folds ASCII, all a name may hold), checked here
             # rather than by an index that a registry already holding both would fail to build.
             row = db.execute("SELECT name FROM peers WHERE name = ? COLLATE NOCASE",
@@ -356,16 +355,8 @@ class SqliteRegistry(Registry):
         return sorted(peers, key=lambda p: (p.address.version, int(p.address.ip)))
 
     def allocate_address(self, subnet, reserved=frozenset()) -> IPInterface:
-        """A proposal only: add(..., allocate=True) picks the address that is stored."""
-        with self._lock:
-            try:
-                return self._lowest_free(self._db, ipaddress.ip_network(subnet), reserved)
-            except sqlite3.Error as exc:
-                raise RegistryError(f"registry {self.path}: {exc}") from None
-
-    @staticmethod
-    def _lowest_free(db, subnet, reserved) -> IPInterface:
-        taken = {ipaddress.ip_interface(a).ip for (a,) in db.execute("SELECT address FROM peers")}
+        subnet = ipaddress.ip_network(subnet)
+        taken = {ipaddress.ip_interface(a).ip for (a,) in self._read("SELECT address FROM peers")}
         taken |= {ipaddress.ip_interface(r).ip for r in reserved}
         taken.add(subnet.network_address + 1)  # the hub's own address
         last = subnet.broadcast_address - (1 if subnet.version == 4 else 0)
@@ -426,7 +417,31 @@ class SqliteRegistry(Registry):
 
         return self._write(update, peer_set_changed=False)
 
+    def hold_allocation_lock(self, timeout: float = 10.0) -> None:
+        if getattr(self, "_allocation_fd", None) is not None:
+            return
+        path = f"{self.path}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise RegistryError(f"cannot open {path}: {exc.strerror}") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise RegistryError(f"{path} stayed locked for {timeout:g} s: another "
+                                        f"pytun-admin is still adding a peer") from None
+                time.sleep(0.005)
+        self._allocation_fd = fd
+
     def close(self) -> None:
+        if (fd := getattr(self, "_allocation_fd", None)) is not None:
+            self._allocation_fd = None
+            os.close(fd)  # lets the next pytun-admin choose
         with self._lock:
             self._db.close()
 

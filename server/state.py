@@ -80,11 +80,11 @@ class HubSettings:
     listen_port: int = 51820
     interface: str = "pytun0"
     mtu: int = 1420
+    under_load_threshold: int = DEFAULT_UNDER_LOAD  # handshake messages a second
     egress: str | None = None
     dns: list[IPv4Address | IPv6Address] = field(default_factory=list)
     routes: list[IPv4Network | IPv6Network] = field(default_factory=list)
     allow_peer_to_peer: bool = False
-    under_load_threshold: int = DEFAULT_UNDER_LOAD
 
     def __post_init__(self) -> None:
         try:

@@ -286,3 +286,18 @@ def test_concurrent_admins_killed_mid_write_leave_a_sound_registry(hub, tmp_path
     assert len(added) >= 30 and kills == 6
     live = [a for n, a in added.items() if n not in removed and n not in unknown]
     assert len(set(live)) == len(live), "an address was handed out twice"
+
+
+def test_the_allocation_lock_is_held_until_close(tmp_path):
+    from pytun.server.registry import SqliteRegistry
+    path = str(tmp_path / "r.db")
+    first, second = SqliteRegistry(path), SqliteRegistry(path)
+    first.hold_allocation_lock()
+    t = time.monotonic()
+    with pytest.raises(RegistryError, match="another pytun-admin is still adding a peer"):
+        second.hold_allocation_lock(timeout=0.2)
+    assert 0.2 <= time.monotonic() - t < 2
+    assert stat.S_IMODE(os.stat(path + ".lock").st_mode) == 0o600
+    first.close()
+    second.hold_allocation_lock(timeout=1)
+    second.close()
