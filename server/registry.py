@@ -11,7 +11,6 @@ by polling `change_token()`, which is cheap: it reads SQLite's data_version coun
 from __future__ import annotations
 
 import abc
-import fcntl
 import ipaddress
 import json
 import os
@@ -418,6 +417,8 @@ class SqliteRegistry(Registry):
         return self._write(update, peer_set_changed=False)
 
     def hold_allocation_lock(self, timeout: float = 10.0) -> None:
+        import fcntl
+
         if getattr(self, "_allocation_fd", None) is not None:
             return
         path = f"{self.path}.lock"
