@@ -5,10 +5,10 @@ without touching unchanged peers' sessions; it runs at start, on the control soc
 (pytun-admin sends it after every change) and whenever the registry's change token moves.
 
 What the data plane learns goes the other way, write-behind: a handshake or a move only marks
-the peer, and every WRITE_EVERY seconds one worker thread (off the trio loop) stores the latest
-endpoint of each marked peer and the greatest handshake timestamp of each key, in a transaction
-each. A laptop that changes source port with every datagram thus costs one row a second, and
-one log line per LOG_EVERY. The timestamps (per public key, in the registry) keep a captured
+the peer, and a worker thread (off the trio loop), at most once every WRITE_EVERY seconds,
+stores the latest endpoint of each marked peer and the greatest handshake timestamp of each
+key, in a transaction each. A laptop that changes source port with every datagram thus costs
+one row a second, and one log line per LOG_EVERY. The timestamps (per public key, in the registry) keep a captured
 initiation refused after the peer is removed and added again, disabled and enabled, or the hub
 restarts.
 """
