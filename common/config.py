@@ -33,7 +33,7 @@ IPAddress = IPv4Address | IPv6Address
 
 PLACEHOLDER_PREFIX = "<the private key that goes with "
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?$")
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?")
 
 
 class ConfigError(ValueError):
@@ -92,7 +92,7 @@ def parse_endpoint(text: str) -> tuple[str, int]:
             raise ValueError(f"endpoint {text!r} must look like host:port or [v6-address]:port")
         if ":" in host:
             raise ValueError(f"endpoint {text!r}: write an IPv6 address in brackets, [v6]:port")
-        if not _is_ip(host) and not _HOSTNAME.match(host):
+        if not _is_ip(host) and not _HOSTNAME.fullmatch(host):
             raise ValueError(f"endpoint {text!r}: {host!r} is not a host name or address")
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ValueError(f"endpoint {text!r}: port must be a number from 1 to 65535")
@@ -152,7 +152,7 @@ def _set_interface(iface: InterfaceConfig, key: str, value: str) -> None:
         for item in _split_list(value):
             if _is_ip(item):
                 iface.dns.append(ipaddress.ip_address(item))
-            elif _HOSTNAME.match(item):
+            elif _HOSTNAME.fullmatch(item):
                 iface.dns_search.append(item)
             else:
                 raise ValueError(f"DNS {item!r} is neither an IP address nor a search domain")
@@ -163,7 +163,7 @@ def _set_interface(iface: InterfaceConfig, key: str, value: str) -> None:
     elif key == "fwmark":
         iface.fwmark = 0 if value.lower() == "off" else _int(value, "FwMark", 0, 0xFFFFFFFF)
     elif key == "table":
-        if value.lower() not in ("off", "auto") and not value.isdigit() and not re.match(r"^\w+$", value):
+        if value.lower() not in ("off", "auto") and not value.isdigit() and not re.fullmatch(r"\w+", value):
             raise ValueError(f"Table must be off, auto, a number or a table name, not {value!r}")
         iface.table = value
     elif key in _HOOKS:

@@ -105,10 +105,14 @@ class CookieGenerator:
 
 
 class RateLimiter:
-    """Token bucket per source: 20 handshakes a second, bursts of 5; IPv6 counted per /64."""
+    """Token bucket per source: 20 handshakes a second, bursts of 5; IPv6 counted per /64.
+
+    At most MAX_SOURCES buckets: when that many sources were active within the last second, a
+    new source is refused until some go idle, so a flood from random sources cannot grow it."""
 
     PACKETS_PER_SECOND = 20
     BURST = 5
+    MAX_SOURCES = 1 << 14
     __slots__ = ("_buckets", "_last_gc")
 
     def __init__(self):
@@ -128,6 +132,10 @@ class RateLimiter:
         key = self._key(endpoint)
         bucket = self._buckets.get(key)
         if bucket is None:
+            if len(self._buckets) >= self.MAX_SOURCES:
+                self.collect(now)  # scans at most once a second, so a full table stays cheap
+                if len(self._buckets) >= self.MAX_SOURCES:
+                    return False
             self._buckets[key] = [self.BURST - 1.0, now]
             return True
         tokens = min(self.BURST, bucket[0] + (now - bucket[1]) * self.PACKETS_PER_SECOND)

@@ -133,6 +133,10 @@ class Driver:
         self._wake = -1  # eventfd that wakes the data thread, while it runs
         self._stopping = False
         self._token = None
+        # Events waiting for the trio thread: the latest of each kind per peer, so a laptop
+        # that sends from a new source port with every datagram queues one entry, not one each.
+        self._pending_events: dict = {}  # (kind, peer) -> detail
+        self._events_lock = threading.Lock()
         self.io_errors = device.drops  # count I/O failures beside protocol drops
         self.sticky = sticky
         self.gso = gso
@@ -350,16 +354,27 @@ class Driver:
         if device.events:
             events, device.events = device.events, []
             if self.on_event is not None:
-                try:
-                    self._token.run_sync_soon(self._deliver, events)
-                except trio.RunFinishedError:
-                    pass
+                self._queue_events(events)
         return bool(device.net_out)
 
-    def _deliver(self, events: list) -> None:
+    def _queue_events(self, events: list) -> None:
+        with self._events_lock:
+            pending = self._pending_events
+            schedule = not pending  # else a delivery is already on its way
+            for kind, peer, detail in events:
+                pending[kind, peer] = detail
+        if schedule:
+            try:
+                self._token.run_sync_soon(self._deliver)
+            except trio.RunFinishedError:
+                pass
+
+    def _deliver(self) -> None:
         """In the trio thread: hand the device's events (handshakes, moves) to the owner."""
-        for event in events:
-            self.on_event(*event)
+        with self._events_lock:
+            pending, self._pending_events = self._pending_events, {}
+        for (kind, peer), detail in pending.items():
+            self.on_event(kind, peer, detail)
 
     def _send_all(self, out: list) -> list:
         """Send datagrams in order. A run of equal-size datagrams to one endpoint (the last may

@@ -1,7 +1,7 @@
 """pytun-admin: set up the hub and manage the people who may connect to it.
 
     pytun-admin init --subnet 10.77.0.0/24 --endpoint vpn.example.com
-    pytun-admin add-peer alice > alice.conf
+    pytun-admin add-peer alice -o alice.conf
     pytun-admin list-peers
     pytun-admin show
 
@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import io
 import os
+import stat
 import sys
 import time
 
@@ -87,6 +89,7 @@ def _check_interfaces(settings) -> None:
 
 def cmd_init(args) -> int:
     settings = state.HubSettings(
+        under_load_threshold=args.under_load,
         subnet=args.subnet, endpoint=args.endpoint, listen_port=args.listen_port,
         interface=args.interface, mtu=args.mtu, egress=args.egress, dns=_csv(args.dns),
         routes=_csv(args.route), allow_peer_to_peer=args.allow_peer_to_peer)
@@ -128,6 +131,61 @@ def _qr_text(text: str) -> str:
     return out.getvalue()
 
 
+def _attached_networks() -> list:
+    """The networks of every address configured on this host's interfaces (the admin runs on
+    the hub's host, in its namespace)."""
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            found = []
+            for msg in ipr.get_addr():
+                for attr in ("IFA_LOCAL", "IFA_ADDRESS"):
+                    if addr := msg.get_attr(attr):
+                        found.append(ipaddress.ip_network(f"{addr.split('%')[0]}/{msg['prefixlen']}",
+                                                          strict=False))
+            return found
+    except (ImportError, OSError, ValueError) as exc:
+        raise AdminError(f"cannot read this host's addresses to check --site: {exc}") from None
+
+
+def _check_sites(settings, sites: list) -> None:
+    """A site must not capture what the hub itself routes or is attached to."""
+    from .registry import check_site
+
+    if not sites:
+        return
+    for site in sites:
+        check_site(site)
+    taken = [(net, "a --route network of the hub") for net in settings.routes]
+    taken += [(net, "a network this host is attached to") for net in _attached_networks()]
+    for site in sites:
+        for net, what in taken:
+            if net.version == site.version and net.overlaps(site):
+                raise AdminError(f"site {site} overlaps {net}, {what}")
+
+
+def _secret_stdout() -> None:
+    """The config (a private key) is about to go to stdout: a regular file there (`> x.conf`)
+    must be ours and is made 0600 first; a pipe or a terminal is fine."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        return  # not a file descriptor at all
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return
+    if st.st_uid != os.geteuid():
+        raise AdminError("stdout is a file owned by someone else, who could read the private "
+                         "key; use -o FILE")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        try:
+            os.fchmod(fd, 0o600)
+        except OSError as exc:
+            raise AdminError(f"cannot make stdout's file private (mode 0600): {exc.strerror}; "
+                             f"use -o FILE") from None
+
+
 def cmd_add_peer(args) -> int:
     keepalive = DEFAULT_KEEPALIVE if args.keepalive is None else args.keepalive
     if not 0 <= keepalive <= 65535:
@@ -137,8 +195,15 @@ def cmd_add_peer(args) -> int:
     settings, registry = _open(args)
     with registry:
         hub_public = keys.public_from_private(state.load_private_key(args.state_dir))
+        _check_sites(settings, _networks(args.site, "site"))
+        if args.qr or not args.output:
+            _secret_stdout()
+        # From here to add(), no other pytun-admin can take the address chosen below.
+        registry.hold_allocation_lock()
         if args.public_key is not None:
             public, private = keys.parse_public(args.public_key), None
+            if public == hub_public:
+                raise AdminError("--public-key is the hub's own public key")
         else:
             private = keys.generate_private()
             public = keys.public_from_private(private)
@@ -502,6 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="networks behind the hub that laptops should reach")
     sp.add_argument("--allow-peer-to-peer", action="store_true",
                     help="let peers reach each other through the hub")
+    sp.add_argument("--under-load", type=int, default=state.DEFAULT_UNDER_LOAD,
+                    metavar="PER_SECOND",
+                    help="handshake messages a second above which the hub answers with cookies "
+                         f"and limits each source (default {state.DEFAULT_UNDER_LOAD})")
 
     sp = add("add-peer", cmd_add_peer, "register a peer and print its wg-quick config")
     sp.add_argument("name", metavar="NAME")

@@ -50,7 +50,7 @@ log = logging.getLogger("pytun.control")
 MAX_REQUEST = 64 * 1024
 MAX_RESPONSE = 16 * 1024 * 1024
 TIMEOUT = 5.0
-_KEY = re.compile(r"^[a-z_][a-z0-9_]*$")
+_KEY = re.compile(r"[a-z_][a-z0-9_]*")
 
 Pairs = list[tuple[str, str]]
 
@@ -79,7 +79,7 @@ def _parse_lines(text: str, what: str) -> Pairs:
         if line == "":
             break
         key, sep, value = line.partition("=")
-        if not sep or not _KEY.match(key):
+        if not sep or not _KEY.fullmatch(key):
             raise ControlError(f"bad {what} line {line[:60]!r}: expected key=value")
         pairs.append((key, value))
     return pairs
@@ -94,7 +94,7 @@ def _format_lines(pairs: Iterable[tuple[str, object]]) -> str:
     out = []
     for key, value in pairs:
         value = "" if value is None else str(value)
-        if not _KEY.match(key) or "\n" in value or "\r" in value:
+        if not _KEY.fullmatch(key) or "\n" in value or "\r" in value:
             raise ControlError(f"cannot send {key!r}: keys are [a-z0-9_], values one line")
         out.append(f"{key}={value}\n")
     return "".join(out)

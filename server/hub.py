@@ -3,6 +3,14 @@
 The registry is the source of truth. `sync()` applies its difference to the running device
 without touching unchanged peers' sessions; it runs at start, on the control socket's `sync=1`
 (pytun-admin sends it after every change) and whenever the registry's change token moves.
+
+What the data plane learns goes the other way, write-behind: a handshake or a move only marks
+the peer, and a worker thread (off the trio loop), at most once every WRITE_EVERY seconds,
+stores the latest endpoint of each marked peer and the greatest handshake timestamp of each
+key, in a transaction each. A laptop that changes source port with every datagram thus costs
+one row a second, and one log line per LOG_EVERY. The timestamps (per public key, in the registry) keep a captured
+initiation refused after the peer is removed and added again, disabled and enabled, or the hub
+restarts.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from .registry import Registry, RegistryError
 
 log = logging.getLogger("pytun")
 
+WRITE_EVERY = 1.0  # seconds between registry writes of what the data plane saw
+LOG_EVERY = 10.0  # at most one line per peer and kind of event this often; the rest counted
 REGISTRY_POLL = 1.0
 REDIAL_WITHIN = 600.0  # after a restart, re-dial laptops seen in the last ten minutes
 RECORD_EVERY = 300  # seconds between stored handshake times of a laptop that stays put
@@ -47,7 +57,15 @@ class Hub:
         self.settings = settings
         self.registry = registry
         self.device = Device(private_key, mtu=settings.mtu,
-                             allow_peer_to_peer=settings.allow_peer_to_peer)
+                             allow_peer_to_peer=settings.allow_peer_to_peer,
+                             under_load_threshold=settings.under_load_threshold)
+        self.clock = time.monotonic
+        self._dirty: dict[str, object] = {}  # name -> engine peer seen to handshake or move
+        self._pending_ts: dict[str, bytes] = {}  # public key -> greatest TAI64N, not yet stored
+        self._stored_ts: dict[str, bytes] = {}  # public key -> greatest TAI64N known stored
+        self._logged: dict[tuple, list] = {}  # (kind, name) -> [time of last line, not logged]
+        self.registry_writes = 0  # transactions written behind (for tests and benchmarks)
+        self._writer_wake: trio.Event | None = None  # set when a peer is marked
         self.peers: dict[str, tuple[tuple, object]] = {}  # name -> (spec, engine peer)
         self.driver: Driver | None = None
         self.sock = None
@@ -118,24 +136,29 @@ class Hub:
             spec, engine_peer = self.peers[name]
             record = wanted.get(name)
             if record is None or _peer_spec(record) != spec:
+                self._keep_timestamp(spec[0], engine_peer)  # for a re-add with the same key
                 self.device.remove_peer(engine_peer.public_key)
                 del self.peers[name]
                 self._recorded.pop(name, None)
+                self._dirty.pop(name, None)
                 if record is None:
                     removed.append(name)
                     log.info("peer %s removed", name)
+        stored = None
         for name, record in wanted.items():
             if name in self.peers:
                 continue
+            if stored is None:
+                stored = self._load_timestamps()
             try:
-                self._add(record)
+                self._add(record, stored)
             except (ValueError, keys.BadKey) as exc:
                 log.error("peer %s not loaded: %s", name, exc)
                 continue
             added.append(name)
         return added, removed
 
-    def _add(self, record) -> None:
+    def _add(self, record, stored: dict[str, bytes]) -> None:
         public = keys.parse_public(record.public_key)
         psk = keys.parse_psk(record.preshared_key) if record.preshared_key else None
         allowed = [*(ipaddress.ip_network(a, strict=False) for a in record.addresses),
@@ -150,6 +173,9 @@ class Hub:
         engine_peer = self.device.add_peer(public, preshared_key=psk, allowed_ips=allowed,
                                            endpoint=endpoint, name=record.name)
         engine_peer.last_handshake_wall = record.last_handshake
+        # Only an initiation newer than any this key ever completed is answered.
+        engine_peer.greatest_timestamp = max(stored.get(record.public_key, b""),
+                                             self._pending_ts.get(record.public_key, b""))
         self.peers[record.name] = (_peer_spec(record), engine_peer)
         log.info("peer %s added (%s)", record.name, ", ".join(map(str, record.addresses)))
 
@@ -163,29 +189,133 @@ class Hub:
     # -- events and control ---------------------------------------------------------------------
 
     def on_event(self, kind: str, peer, detail) -> None:
+        """In the trio thread, for the latest event of each kind per peer (see Driver)."""
+        entry = self.peers.get(peer.name)
+        if entry is None or entry[1] is not peer:
+            return  # removed (or replaced) since the data plane saw it
         if kind == "handshake":
-            log.info("handshake with peer %s from %s", peer.name, format_endpoint(peer.endpoint))
-            self._record(peer)
+            self._log_limited(kind, peer.name, "handshake with peer %s from %s",
+                              format_endpoint(peer.endpoint))
+            self._mark(peer)
         elif kind == "endpoint":
-            log.info("peer %s moved to %s", peer.name, format_endpoint(detail))
-            self._record(peer)
+            self._log_limited(kind, peer.name, "peer %s moved to %s", format_endpoint(detail))
+            self._mark(peer)
         elif kind == "handshake_gave_up":
             log.info("peer %s: no handshake answer for 90 s, giving up until it calls", peer.name)
 
-    def _record(self, peer) -> None:
-        """Persist where a laptop is, for the re-dial after a restart. A registry write waits
-        for the disk, so a rekey (every two minutes per laptop) writes only when the endpoint
-        moved or the stored handshake time is older than RECORD_EVERY."""
-        endpoint = format_endpoint(peer.endpoint) or None
-        when = int(peer.last_handshake_wall or 0) or None
-        last = self._recorded.get(peer.name)
-        if last is not None and last[0] == endpoint and (when or 0) - last[1] < RECORD_EVERY:
+    def _mark(self, peer) -> None:
+        self._dirty[peer.name] = peer
+        if self._writer_wake is not None:
+            self._writer_wake.set()
+
+    def _log_limited(self, kind: str, name: str, fmt: str, *args) -> None:
+        """One line per peer and kind per LOG_EVERY; the others are counted and summed up."""
+        now = self.clock()
+        seen = self._logged.get((kind, name))
+        if seen is not None and now - seen[0] < LOG_EVERY:
+            seen[1] += 1
             return
+        log.info(fmt, name, *args)
+        self._logged[kind, name] = [now, 0]
+
+    def _log_summaries(self, now: float) -> None:
+        for (kind, name), seen in list(self._logged.items()):
+            if now - seen[0] < LOG_EVERY:
+                continue
+            if seen[1]:
+                what = "handshakes" if kind == "handshake" else "moves"
+                # "at least": the driver hands over only the latest event of a batch
+                log.info("peer %s: at least %d more %s in %d s, not logged one by one", name,
+                         seen[1], what, round(now - seen[0]))
+            del self._logged[kind, name]
+
+    # -- writing behind -------------------------------------------------------------------------
+
+    def _keep_timestamp(self, public_key: str, engine_peer) -> None:
+        ts = engine_peer.greatest_timestamp
+        if ts and ts > max(self._stored_ts.get(public_key, b""),
+                           self._pending_ts.get(public_key, b"")):
+            self._pending_ts[public_key] = ts
+
+    def _load_timestamps(self) -> dict[str, bytes]:
+        stored = self.registry.handshake_timestamps()
+        for key, ts in stored.items():
+            if ts > self._stored_ts.get(key, b""):
+                self._stored_ts[key] = ts
+        return stored
+
+    def _collect(self, everyone: bool = False) -> tuple[list, list]:
+        """What to write: (name, endpoint, handshake time) of the peers marked since the last
+        write, and (public key, timestamp) of keys whose greatest timestamp grew. Holds the
+        device for the reads; a rekey of a laptop that stays put writes only every RECORD_EVERY."""
+        endpoints = []
+        with self._device():
+            for name, p in self._dirty.items():
+                endpoint = format_endpoint(p.endpoint) or None
+                when = int(p.last_handshake_wall or 0) or None
+                last = self._recorded.get(name)
+                if last is None or last[0] != endpoint or (when or 0) - last[1] >= RECORD_EVERY:
+                    endpoints.append((name, endpoint, when))
+            for spec, p in (self.peers.values() if everyone else
+                            (self.peers[n] for n in self._dirty if n in self.peers)):
+                self._keep_timestamp(spec[0], p)
+        self._dirty.clear()
+        return endpoints, list(self._pending_ts.items())
+
+    def _store(self, endpoints: list, timestamps: list) -> bool:
+        """In a worker thread (or at exit): one transaction for each list."""
         try:
-            self.registry.record_endpoint(peer.name, endpoint, when)
-            self._recorded[peer.name] = (endpoint, when or 0)
+            if timestamps:
+                self.registry.raise_handshake_timestamps(timestamps)
+                self.registry_writes += 1
+            if endpoints:
+                self.registry.record_endpoints(endpoints)
+                self.registry_writes += 1
         except RegistryError as exc:
-            log.warning("could not record the endpoint of %s: %s", peer.name, exc)
+            log.warning("could not record %d endpoints and %d handshake timestamps: %s",
+                        len(endpoints), len(timestamps), exc)
+            return False
+        return True
+
+    def _stored(self, endpoints: list, timestamps: list) -> None:
+        for name, endpoint, when in endpoints:
+            self._recorded[name] = (endpoint, when or 0)
+        for key, ts in timestamps:
+            if ts > self._stored_ts.get(key, b""):
+                self._stored_ts[key] = ts
+            if self._pending_ts.get(key) == ts:
+                del self._pending_ts[key]
+
+    async def write_behind(self) -> None:
+        """Store what the data plane saw, off the event loop: at once when nothing was written
+        in the last WRITE_EVERY (a laptop's first handshake survives a crash right after it),
+        else WRITE_EVERY after the last write, with whatever is newest by then."""
+        last_write = -WRITE_EVERY
+        while True:
+            self._writer_wake = trio.Event()
+            if not self._dirty:
+                with trio.move_on_after(WRITE_EVERY):  # also for the log summaries
+                    await self._writer_wake.wait()
+            wait = last_write + WRITE_EVERY - trio.current_time()
+            if wait > 0:
+                await trio.sleep(wait)
+            self._log_summaries(self.clock())
+            endpoints, timestamps = self._collect()
+            if not endpoints and not timestamps:
+                continue
+            last_write = trio.current_time()
+            if await trio.to_thread.run_sync(self._store, endpoints, timestamps):
+                self._stored(endpoints, timestamps)
+            else:  # try again next time, with whatever is newer by then
+                for name, *_ in endpoints:
+                    if name in self.peers:
+                        self._dirty.setdefault(name, self.peers[name][1])
+
+    def flush(self) -> None:
+        """Store everything now, every peer's timestamp included (at stop)."""
+        endpoints, timestamps = self._collect(everyone=True)
+        if self._store(endpoints, timestamps):
+            self._stored(endpoints, timestamps)
 
     def status(self) -> list[dict]:
         with self._device():
@@ -264,6 +394,7 @@ class Hub:
                 self.driver = driver
                 await nursery.start(control.serve, state.socket_path(self.state_dir),
                                     self.handle_control)
+                nursery.start_soon(self.write_behind)
                 nursery.start_soon(self._poll_registry)
                 self._firewall_changed = trio.Event()
                 nursery.start_soon(self._firewall_loop)
@@ -275,6 +406,8 @@ class Hub:
                         log.info("stopping on %s", signal.Signals(signum).name)
                         break
                 nursery.cancel_scope.cancel()
+            self.driver = None  # the data thread has stopped
+            self.flush()
         finally:
             for family in firewall:
                 try:

@@ -39,7 +39,7 @@ class RegistryError(ValueError):
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):  # match() let "alice\n" in
         raise RegistryError(f"bad peer name {name!r}: use 1-32 characters of A-Z a-z 0-9 . _ @ -")
     return name
 
@@ -175,6 +175,29 @@ class Registry(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    # -- handshake replay state and batched endpoint notes (the hub writes these) -------------
+
+    @abc.abstractmethod
+    def handshake_timestamps(self) -> dict[str, bytes]:
+        """The greatest TAI64N timestamp (12 bytes) accepted from each public key (base64).
+        Kept per key, not per peer: it outlives remove/re-add, disable/enable and restarts."""
+
+    @abc.abstractmethod
+    def raise_handshake_timestamps(self, items) -> None:
+        """Store each (public key, timestamp) unless a greater one is stored; one transaction.
+        Does not move change_token()."""
+
+    @abc.abstractmethod
+    def record_endpoints(self, items) -> int:
+        """record_endpoint for many (name, endpoint, last_handshake) in one transaction;
+        names no longer registered are skipped. Returns how many rows were updated."""
+
+    @abc.abstractmethod
+    def hold_allocation_lock(self, timeout: float = 10.0) -> None:
+        """Until close(), be the only writer that chooses addresses: what allocate_address()
+        proposes then stays free until add() stores it. A dead process lets go at once.
+        (SQLite: flock on a file beside the database; PostgreSQL: an advisory lock.)"""
+
     def __enter__(self):
         return self
 
@@ -190,6 +213,27 @@ def check_in_subnet(address: IPInterface, subnet: IPNetwork, reserved=frozenset(
         raise RegistryError(f"address {ip} is not a host address of {subnet}")
     if ip == subnet.network_address + 1 or ip in {ipaddress.ip_interface(r).ip for r in reserved}:
         raise RegistryError(f"address {ip} is reserved for the hub")
+
+
+# Networks no site may overlap: routed to a laptop they would capture the hub's own loopback,
+# link-local or multicast traffic (and a /0 overlaps them all: everything would go to one laptop).
+_NOT_A_SITE = [(ipaddress.ip_network(n), what) for n, what in (
+    ("0.0.0.0/8", "the unspecified range"), ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"), ("224.0.0.0/4", "multicast"),
+    ("255.255.255.255/32", "broadcast"), ("::/128", "the unspecified address"),
+    ("::1/128", "loopback"), ("fe80::/10", "link-local"), ("ff00::/8", "multicast"))]
+
+
+def check_site(site: IPNetwork) -> None:
+    """Refuse a site that would route the hub's own or everyone's traffic to one peer."""
+    if site.prefixlen == 0:
+        raise RegistryError(f"site {site} is a default route: it would send everything to one "
+                            f"peer (a laptop that wants all its traffic via the hub is "
+                            f"--full-tunnel)")
+    for special, what in _NOT_A_SITE:
+        if special.version == site.version and special.overlaps(site):
+            raise RegistryError(f"site {site} overlaps {what} ({special}); it cannot be a "
+                                f"network behind a peer")
 
 
 _SCHEMA = """
@@ -284,6 +328,7 @@ class SqliteRegistry(Registry):
         db.execute("PRAGMA synchronous = FULL")
         db.execute("BEGIN IMMEDIATE")
         try:
+            db.execute(_TIMESTAMPS_TABLE)  # at any schema version: see the end of this file
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise RegistryError(f"{self.path} has schema version {version}; this pytun "
@@ -345,8 +390,15 @@ class SqliteRegistry(Registry):
                 row = db.execute(f"SELECT name FROM peers WHERE {column} = ?", (value,)).fetchone()
                 return row and row[0]
 
-            if owner("name", peer.name):
-                raise RegistryError(f"a peer named {peer.name!r} already exists")
+            for site in peer.sites:
+                check_site(site)
+            # Unique regardless of case (NOCASE folds ASCII, all a name may hold), checked here
+            # rather than by an index that a registry already holding both would fail to build.
+            row = db.execute("SELECT name FROM peers WHERE name = ? COLLATE NOCASE",
+                             (peer.name,)).fetchone()
+            if row:
+                same = "" if row[0] == peer.name else " (names are case-insensitive)"
+                raise RegistryError(f"a peer named {row[0]!r} already exists{same}")
             if other := owner("public_key", peer.public_key):
                 raise RegistryError(f"that public key already belongs to peer {other!r}")
             for column, address in (("address", peer.address), ("address6", peer.address6)):
@@ -557,9 +609,83 @@ class SqliteRegistry(Registry):
         (data_version,), = self._read("PRAGMA data_version")
         return data_version, self._commits
 
+    # -- handshake replay state and batched endpoint notes --------------------------------------
+
+    def handshake_timestamps(self) -> dict[str, bytes]:
+        return {k: bytes(t) for k, t in self._read("SELECT public_key, tai64n FROM handshake_timestamps")}
+
+    def raise_handshake_timestamps(self, items) -> None:
+        rows = [(public_key, bytes(t)) for public_key, t in items]
+        for _, t in rows:
+            if len(t) != 12:
+                raise RegistryError("a TAI64N timestamp is 12 bytes")
+        if not rows:
+            return
+
+        def upsert(db):
+            # max() of two BLOBs compares bytes: TAI64N is big-endian, so that is time order.
+            db.executemany("INSERT INTO handshake_timestamps (public_key, tai64n) VALUES (?, ?) "
+                           "ON CONFLICT(public_key) DO UPDATE SET tai64n = max(tai64n, excluded.tai64n)",
+                           rows)
+
+        self._write(upsert, peer_set_changed=False)
+
+    def record_endpoints(self, items) -> int:
+        rows = list(items)
+        if not rows:
+            return 0
+
+        def update(db):
+            n = 0
+            for name, endpoint, last_handshake in rows:
+                n += db.execute("UPDATE peers SET endpoint = ?, last_handshake = ? WHERE name = ?",
+                                (endpoint, last_handshake, name)).rowcount
+            return n
+
+        return self._write(update, peer_set_changed=False)
+
+    def hold_allocation_lock(self, timeout: float = 10.0) -> None:
+        import fcntl
+
+        if getattr(self, "_allocation_fd", None) is not None:
+            return
+        path = f"{self.path}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise RegistryError(f"cannot open {path}: {exc.strerror}") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise RegistryError(f"{path} stayed locked for {timeout:g} s: another "
+                                        f"pytun-admin is still adding a peer") from None
+                time.sleep(0.005)
+        self._allocation_fd = fd
+
     def close(self) -> None:
+        if (fd := getattr(self, "_allocation_fd", None)) is not None:
+            self._allocation_fd = None
+            os.close(fd)  # lets the next pytun-admin choose
         with self._lock:
             self._db.close()
 
     def __repr__(self) -> str:
         return f"SqliteRegistry({self.path!r})"
+
+
+# ---------------------------------------------------------------------------------- replay state
+# The greatest TAI64N timestamp accepted from each public key, kept apart from `peers` and keyed
+# by key, so it outlives remove/re-add, disable/enable and restarts. Created by _setup at any
+# schema version (IF NOT EXISTS): it is not part of the versioned schema.
+
+_TIMESTAMPS_TABLE = """
+CREATE TABLE IF NOT EXISTS handshake_timestamps (
+    public_key TEXT PRIMARY KEY,
+    tai64n BLOB NOT NULL
+)
+"""

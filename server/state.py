@@ -30,8 +30,9 @@ PRIVATE_KEY_FILE = "private.key"
 REGISTRY_FILE = "registry.db"
 CONTROL_SOCKET = "control.sock"
 SETTINGS_VERSION = 1
+DEFAULT_UNDER_LOAD = 1000  # handshake messages a second
 
-_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 
 class StateError(ValueError):
@@ -80,6 +81,7 @@ class HubSettings:
     listen_port: int = 51820
     interface: str = "pytun0"
     mtu: int = 1420
+    under_load_threshold: int = DEFAULT_UNDER_LOAD  # handshake messages a second
     egress: str | None = None
     dns: list[IPv4Address | IPv6Address] = field(default_factory=list)
     routes: list[IPv4Network | IPv6Network] = field(default_factory=list)
@@ -108,7 +110,7 @@ class HubSettings:
             raise StateError(f"listen port must be from 1 to 65535, not {self.listen_port!r}")
         self.endpoint = normalize_endpoint(str(self.endpoint), self.listen_port)
         for name in (self.interface, self.egress):
-            if name is not None and not _IFNAME.match(str(name)):
+            if name is not None and not _IFNAME.fullmatch(str(name)):
                 raise StateError(f"bad interface name {name!r}: 1-15 of A-Z a-z 0-9 _ . -")
         if not isinstance(self.mtu, int) or not 1280 <= self.mtu <= 9000:
             raise StateError(f"MTU must be from 1280 to 9000, not {self.mtu!r}")
@@ -121,6 +123,10 @@ class HubSettings:
         except ValueError as exc:
             raise StateError(f"bad route: {exc}") from None
         self.allow_peer_to_peer = bool(self.allow_peer_to_peer)
+        if (not isinstance(self.under_load_threshold, int) or isinstance(self.under_load_threshold, bool)
+                or not 1 <= self.under_load_threshold <= 1_000_000):
+            raise StateError(f"under-load threshold must be from 1 to 1000000 handshakes a "
+                             f"second, not {self.under_load_threshold!r}")
 
     @property
     def address(self) -> IPv4Interface | IPv6Interface:
@@ -146,6 +152,8 @@ class HubSettings:
             del d["subnet6"]
         d["dns"] = [str(x) for x in self.dns]
         d["routes"] = [str(x) for x in self.routes]
+        if self.under_load_threshold == DEFAULT_UNDER_LOAD:
+            del d["under_load_threshold"]  # unchanged: the file stays what older hubs read
         return json.dumps({"version": SETTINGS_VERSION, **d}, indent=2) + "\n"
 
     @classmethod
