@@ -12,6 +12,7 @@ control socket). Every failure is one line on stderr and exit status 1, with not
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import json
 import io
@@ -230,7 +231,7 @@ def cmd_add_peer(args) -> int:
         peer = Peer(name=args.name, public_key=keys.encode_key(public), address=address,
                     sites=_networks(args.site, "site"), full_tunnel=args.full_tunnel,
                     keepalive=keepalive, preshared_key=psk and keys.encode_key(psk),
-                    groups=_csv(args.group), address6=address6)
+                    groups=_csv(args.group), address6=address6, expires=_expiry(args))
         text = config.render(_peer_config(settings, hub_public, peer, private, psk),
                              placeholder_public_key=None if private else public)
         qr = _qr_text(text) if args.qr else None
@@ -262,8 +263,62 @@ def cmd_remove_peer(args) -> int:
 def _set_disabled(args, flag: bool) -> int:
     _, registry = _open(args)
     with registry:
-        registry.set_disabled(args.name, flag)
-    print(f"{'disabled' if flag else 'enabled'} peer {args.name}")
+        registry.set_disabled(args.name, flag, getattr(args, "reason", None) or "")
+        peer = registry.get(args.name)
+    note = ""
+    if not flag and peer.expired(time.time()):
+        note = f"; it expired at {_when(peer.expires)}: renew it to let it in"
+    print(f"{'disabled' if flag else 'enabled'} peer {peer.name}{note}")
+    _sync(args)
+    return 0
+
+
+def cmd_renew(args) -> int:
+    expires = None if args.never else _expiry(args)
+    if expires is None and not args.never:
+        raise AdminError("give --ttl, --expires or --never")
+    _, registry = _open(args)
+    with registry:
+        registry.set_expiry(args.name, expires)
+        peer = registry.get(args.name)
+    print(f"peer {peer.name} " + (f"expires at {_when(expires)}" if expires else "never expires"))
+    _sync(args)
+    return 0
+
+
+def cmd_rotate_key(args) -> int:
+    """A new key pair for a peer (or the laptop's new public key); the old one stops at once."""
+    if args.output and os.path.isdir(args.output):
+        raise AdminError(f"{args.output} is a directory; give a file name")
+    settings, registry = _open(args)
+    with registry:
+        peer = registry.get(args.name)
+        hub_public = keys.public_from_private(state.load_private_key(args.state_dir))
+        if args.public_key is not None:
+            public, private = keys.parse_public(args.public_key), None
+            if public == hub_public:
+                raise AdminError("--public-key is the hub's own public key")
+        else:
+            if not args.output:
+                _secret_stdout()
+            private = keys.generate_private()
+            public = keys.public_from_private(private)
+        psk = keys.generate_psk() if peer.preshared_key else None
+        new = dataclasses.replace(peer, public_key=keys.encode_key(public),
+                                  preshared_key=psk and keys.encode_key(psk))
+        text = config.render(_peer_config(settings, hub_public, new, private, psk),
+                             placeholder_public_key=None if private else public)
+        if args.output:  # written before the registry changes: a failure loses nothing
+            try:
+                keys.write_secret_file(args.output, text)
+            except OSError as exc:
+                raise AdminError(f"cannot write {args.output}: {exc.strerror}") from None
+        registry.set_keys(peer.name, new.public_key, new.preshared_key)
+    print(f"peer {peer.name} has a new key; the old one no longer connects", file=sys.stderr)
+    if args.output:
+        print(f"config written to {args.output}", file=sys.stderr)
+    elif private is not None or psk is not None:
+        sys.stdout.write(text)
     _sync(args)
     return 0
 
@@ -282,8 +337,13 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _state(peer, now: float) -> str:
+    return "disabled" if peer.disabled else "expired" if peer.expired(now) else "enabled"
+
+
 def cmd_list_peers(args) -> int:
     _, registry = _open(args)
+    now = time.time()
     with registry:
         peers = registry.list()
     if args.json:
@@ -292,13 +352,15 @@ def cmd_list_peers(args) -> int:
             "disabled": p.disabled, "sites": [str(s) for s in p.sites],
             "full_tunnel": p.full_tunnel, "keepalive": p.keepalive, "created": p.created,
             "groups": policy.groups_of(p), "address6": str(p.address6) if p.address6 else None,
+            "expires": p.expires, "state": _state(p, now), "disabled_reason": p.disabled_reason,
         } for p in peers], indent=2))
     elif peers:
-        sys.stdout.write(_table(["NAME", "ADDRESS", "PUBLIC KEY", "STATE", "GROUPS", "SITES"], [
-            [p.name, ",".join(str(a.ip) for a in p.addresses), p.public_key,
-             "disabled" if p.disabled else "enabled",
-             ",".join(p.groups) or "-", ", ".join(str(s) for s in p.sites) or "-"]
-            for p in peers]))
+        sys.stdout.write(_table(
+            ["NAME", "ADDRESS", "PUBLIC KEY", "STATE", "EXPIRES", "GROUPS", "SITES"], [
+                [p.name, ",".join(str(a.ip) for a in p.addresses), p.public_key,
+                 _state(p, now) + (f" ({p.disabled_reason})" if p.disabled_reason else ""),
+                 _when(p.expires), ",".join(p.groups) or "-",
+                 ", ".join(str(s) for s in p.sites) or "-"] for p in peers]))
     else:
         print("no peers; add one with pytun-admin add-peer NAME", file=sys.stderr)
     return 0
@@ -329,22 +391,29 @@ def human_bytes(n: int) -> str:
 
 def cmd_show(args) -> int:
     sock = state.socket_path(args.state_dir)
+    _, registry = _open(args)
+    with registry:
+        records = registry.list()
+    now = time.time()
     try:
-        peers = control.peers_from_get(control.request(sock, [("get", "1")]))
+        live = {p["name"]: p for p in control.peers_from_get(control.request(sock, [("get", "1")]))}
     except control.HubNotRunning:
-        _, registry = _open(args)
-        with registry:
-            peers = [{"name": p.name, "public_key": p.public_key,
-                      "address": ",".join(str(a) for a in p.addresses),
-                      "endpoint": None, "latest_handshake": None, "rx_bytes": 0, "tx_bytes": 0}
-                     for p in registry.list()]
+        live = None
         print("hub not running; showing the registry without live statistics", file=sys.stderr)
+    peers = []
+    for r in records:  # every registered peer; those the hub refuses are marked
+        row = (live or {}).get(r.name) or {
+            "name": r.name, "public_key": r.public_key,
+            "address": ",".join(str(a) for a in r.addresses), "endpoint": None,
+            "latest_handshake": None, "rx_bytes": 0, "tx_bytes": 0}
+        peers.append({**row, "state": _state(r, now), "expires": r.expires})
     if args.json:
         print(json.dumps(peers, indent=2))
     elif peers:
         sys.stdout.write(_table(
             ["NAME", "PUBLIC KEY", "ADDRESS", "ENDPOINT", "LATEST HANDSHAKE", "RECEIVED", "SENT"],
-            [[p["name"], p["public_key"], p["address"], p["endpoint"] or "-",
+            [[p["name"] + ("" if p["state"] == "enabled" else f" ({p['state']})"),
+              p["public_key"], p["address"], p["endpoint"] or "-",
               human_ago(p["latest_handshake"]), human_bytes(p["rx_bytes"]),
               human_bytes(p["tx_bytes"])] for p in peers]))
     else:
@@ -589,6 +658,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--qr", action="store_true", help="print the config as a terminal QR code")
     sp.add_argument("--group", action="append", metavar="GROUP,...",
                     help="groups the peer is in (created if new); access rules name groups")
+    sp.add_argument("--expires", metavar="TIME",
+                    help="refused from this time on: 2026-12-31T18:00:00Z (ISO 8601, an offset"
+                         " or Z)")
+    sp.add_argument("--ttl", metavar="DURATION", help="refused after this long: 12h, 30d, 2w")
 
     sp = add("set-groups", cmd_set_groups, "put a peer in exactly these groups")
     sp.add_argument("name", metavar="NAME")
@@ -641,7 +714,22 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, what in (("remove-peer", cmd_remove_peer, "remove a peer for good"),
                            ("disable-peer", cmd_disable_peer, "keep a peer but refuse it"),
                            ("enable-peer", cmd_enable_peer, "accept a disabled peer again")):
-        add(name, fn, what).add_argument("name", metavar="NAME")
+        sp = add(name, fn, what)
+        sp.add_argument("name", metavar="NAME")
+        if name == "disable-peer":
+            sp.add_argument("--reason", metavar="TEXT", help="shown in list-peers")
+
+    sp = add("renew", cmd_renew, "move a peer's expiry (or lift it)")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--ttl", metavar="DURATION", help="from now: 90m, 12h, 30d, 2w")
+    sp.add_argument("--expires", metavar="TIME", help="at this time: 2026-12-31T18:00:00Z")
+    sp.add_argument("--never", action="store_true", help="no expiry")
+
+    sp = add("rotate-key", cmd_rotate_key,
+             "give a peer a new key pair (its old key stops working at once)")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--public-key", metavar="KEY", help="the laptop's own new public key")
+    sp.add_argument("-o", "--output", metavar="FILE", help="write the new config to FILE (0600)")
 
     sp = add("list-peers", cmd_list_peers, "list the registered peers")
     sp.add_argument("--json", action="store_true")

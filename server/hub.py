@@ -16,6 +16,7 @@ restarts.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -77,6 +78,8 @@ class Hub:
         self._expiry: float | None = None  # when the next access rule expires
         self._firewall_changed: trio.Event | None = None
         self._firewall_lock = trio.Lock()
+        self._peer_expiry: float | None = None  # when the next peer expires
+        self._warned: dict[str, int] = {}  # name -> the expiry already warned about
 
     # -- registry ------------------------------------------------------------------------------
 
@@ -90,14 +93,37 @@ class Hub:
         """Apply the registry to the device and plan the firewall for it (`apply_firewall`
         carries the plan out). Returns (added, removed) peer names."""
         self._token = self.registry.change_token()
-        records = self.registry.list()
+        now = time.time()
+        # An expired peer is refused like a disabled one, by the engine and the firewall.
+        records = [dataclasses.replace(r, disabled=True) if r.expired(now) else r
+                   for r in self.registry.list()]
         wanted = {r.name: r for r in records if not r.disabled}
+        for r in records:
+            if r.name in self.peers and r.name not in wanted and r.expired(now):
+                log.info("peer %s expired at %s: its sessions end", r.name, _utc(r.expires))
+        self._warn_expiring(records, now)
+        self._peer_expiry = min((r.expires for r in records
+                                 if r.expires is not None and r.expires > now), default=None)
         if self.view is not None:
             self._plan(records, self.registry.rules())
         with self._device():
             if self.view is not None:
                 self.device.allow_peer_to_peer = self._reaches_peers
             return self._apply(wanted)
+
+    def _warn_expiring(self, records, now: float) -> None:
+        """One log line per peer when it comes within `expiry_warning` of its expiry."""
+        soon = now + self.settings.expiry_warning
+        for r in records:
+            if r.expires is not None and now < r.expires <= soon and \
+                    self._warned.get(r.name) != r.expires:
+                self._warned[r.name] = r.expires
+                log.warning("peer %s expires at %s (pytun-admin renew %s --ttl ...)", r.name,
+                            _utc(r.expires), r.name)
+
+    def _next_expiry(self) -> float | None:
+        times = [t for t in (self._expiry, self._peer_expiry) if t is not None]
+        return min(times) if times else None
 
     def _plan(self, records, rules) -> None:
         now = time.time()
@@ -422,7 +448,8 @@ class Hub:
         while True:
             await trio.sleep(REGISTRY_POLL)
             try:
-                expired = self._expiry is not None and time.time() >= self._expiry
+                due = self._next_expiry()
+                expired = due is not None and time.time() >= due
                 if expired or self.registry.change_token() != self._token:
                     self.sync()
             except RegistryError as exc:
@@ -439,6 +466,10 @@ class Hub:
                 log.error("%s; trying again in %.0f s", exc, FIREWALL_RETRY)
                 await trio.sleep(FIREWALL_RETRY)
                 self._firewall_changed.set()
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _egress_interfaces(egress: str | None) -> tuple[str | None, str | None]:

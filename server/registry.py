@@ -44,6 +44,12 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_reason(text: str) -> str:
+    if not isinstance(text, str) or len(text) > 200 or any(ord(c) < 32 for c in text):
+        raise RegistryError("a reason is one line of at most 200 printable characters")
+    return text
+
+
 def host_address(value) -> IPInterface:
     """10.77.0.2, 10.77.0.2/32 -> IPv4Interface('10.77.0.2/32'). Wider prefixes are refused."""
     try:
@@ -70,6 +76,8 @@ class Peer:
     last_handshake: int | None = None
     groups: list[str] = field(default_factory=list)  # beside the implicit ones
     address6: IPv6Interface | None = None  # on a dual-stack hub, the IPv6 address
+    expires: int | None = None  # unix seconds; the hub refuses the peer from then on
+    disabled_reason: str = ""
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -99,6 +107,16 @@ class Peer:
         if not isinstance(self.keepalive, int) or not 0 <= self.keepalive <= 65535:
             raise RegistryError(f"keepalive must be 0 (off) to 65535 seconds, not {self.keepalive!r}")
         self.full_tunnel, self.disabled = bool(self.full_tunnel), bool(self.disabled)
+        if self.expires is not None and not isinstance(self.expires, int):
+            raise RegistryError(f"expiry must be unix seconds, not {self.expires!r}")
+        self.disabled_reason = check_reason(self.disabled_reason or "")
+
+    def expired(self, now: float) -> bool:
+        return self.expires is not None and now >= self.expires
+
+    def refused(self, now: float) -> bool:
+        """Disabled or expired: the hub does not load it."""
+        return self.disabled or self.expired(now)
 
     @property
     def addresses(self) -> list[IPInterface]:
@@ -116,7 +134,14 @@ class Registry(abc.ABC):
     def remove(self, name: str) -> Peer: ...
 
     @abc.abstractmethod
-    def set_disabled(self, name: str, flag: bool) -> None: ...
+    def set_disabled(self, name: str, flag: bool, reason: str = "") -> None: ...
+
+    @abc.abstractmethod
+    def set_expiry(self, name: str, expires: int | None) -> None: ...
+
+    @abc.abstractmethod
+    def set_keys(self, name: str, public_key: str, preshared_key: str | None) -> None:
+        """A new key (and preshared key) for a peer: its old key stops working at once."""
 
     @abc.abstractmethod
     def get(self, name: str) -> Peer: ...
@@ -273,10 +298,13 @@ _MIGRATIONS = {
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
         "ALTER TABLE peers ADD COLUMN address6 TEXT",
         "CREATE UNIQUE INDEX peers_address6 ON peers (address6)",
+        "ALTER TABLE peers ADD COLUMN expires INTEGER",
+        "ALTER TABLE peers ADD COLUMN disabled_reason TEXT NOT NULL DEFAULT ''",
     ],
 }
 _COLUMNS = ("name", "public_key", "address", "sites", "full_tunnel", "keepalive", "disabled",
-            "created", "preshared_key", "endpoint", "last_handshake", "groups", "address6")
+            "created", "preshared_key", "endpoint", "last_handshake", "groups", "address6",
+            "expires", "disabled_reason")
 _RULE_COLUMNS = ("id", "source", "destination", "protocol", "port_first", "port_last",
                  "expires", "comment")
 
@@ -413,35 +441,74 @@ class SqliteRegistry(Registry):
                       json.dumps([str(s) for s in peer.sites]), int(peer.full_tunnel),
                       peer.keepalive, int(peer.disabled), int(peer.created), peer.preshared_key,
                       peer.endpoint, peer.last_handshake, json.dumps(peer.groups),
-                      str(peer.address6) if peer.address6 else None)
+                      str(peer.address6) if peer.address6 else None, peer.expires,
+                      peer.disabled_reason)
             self._create_groups(db, peer.groups)
             db.execute(f"INSERT INTO peers ({', '.join(_COLUMNS)}) VALUES "
                        f"({', '.join('?' * len(_COLUMNS))})", values)
 
         self._write(insert)
 
-    def _must_exist(self, db, name: str) -> None:
-        if db.execute("SELECT 1 FROM peers WHERE name = ?", (name,)).fetchone() is None:
+    def _must_exist(self, db, name: str) -> str:
+        """The stored spelling of a peer's name: names are one person whatever the case."""
+        row = db.execute("SELECT name FROM peers WHERE name = ? COLLATE NOCASE ORDER BY"
+                         " name = ? DESC", (name, name)).fetchone()
+        if row is None:
             raise RegistryError(f"no peer named {name!r}")
+        return row[0]
 
     def remove(self, name: str) -> Peer:
         def delete(db):
-            self._must_exist(db, name)
+            nonlocal name
+            name = self._must_exist(db, name)
             row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM peers WHERE name = ?", (name,)).fetchone()
             db.execute("DELETE FROM peers WHERE name = ?", (name,))
             return _to_peer(row)
 
         return self._write(delete)
 
-    def set_disabled(self, name: str, flag: bool) -> None:
+    def set_disabled(self, name: str, flag: bool, reason: str = "") -> None:
+        reason = check_reason(reason) if flag else ""
+
         def update(db):
-            self._must_exist(db, name)
-            db.execute("UPDATE peers SET disabled = ? WHERE name = ?", (int(bool(flag)), name))
+            nonlocal name
+            name = self._must_exist(db, name)
+            db.execute("UPDATE peers SET disabled = ?, disabled_reason = ? WHERE name = ?",
+                       (int(bool(flag)), reason, name))
+
+        self._write(update)
+
+    def set_expiry(self, name: str, expires: int | None) -> None:
+        def update(db):
+            nonlocal name
+            name = self._must_exist(db, name)
+            db.execute("UPDATE peers SET expires = ? WHERE name = ?", (expires, name))
+
+        self._write(update)
+
+    def set_keys(self, name: str, public_key: str, preshared_key: str | None) -> None:
+        try:
+            public_key = keys.encode_key(keys.parse_public(public_key))
+            if preshared_key is not None:
+                preshared_key = keys.encode_key(keys.parse_psk(preshared_key))
+        except keys.BadKey as exc:
+            raise RegistryError(str(exc)) from None
+
+        def update(db):
+            nonlocal name
+            name = self._must_exist(db, name)
+            row = db.execute("SELECT name FROM peers WHERE public_key = ?",
+                             (public_key,)).fetchone()
+            if row is not None:
+                raise RegistryError(f"that public key already belongs to peer {row[0]!r}")
+            db.execute("UPDATE peers SET public_key = ?, preshared_key = ?, endpoint = NULL"
+                       " WHERE name = ?", (public_key, preshared_key, name))
 
         self._write(update)
 
     def get(self, name: str) -> Peer:
-        rows = self._read(f"SELECT {', '.join(_COLUMNS)} FROM peers WHERE name = ?", (name,))
+        rows = self._read(f"SELECT {', '.join(_COLUMNS)} FROM peers WHERE name = ? COLLATE NOCASE"
+                          " ORDER BY name = ? DESC", (name, name))
         if not rows:
             raise RegistryError(f"no peer named {name!r}")
         return _to_peer(rows[0])
@@ -495,7 +562,8 @@ class SqliteRegistry(Registry):
             raise RegistryError(str(exc)) from None
 
         def update(db):
-            self._must_exist(db, name)
+            nonlocal name
+            name = self._must_exist(db, name)
             self._create_groups(db, wanted)
             db.execute("UPDATE peers SET groups = ? WHERE name = ?", (json.dumps(wanted), name))
 

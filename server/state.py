@@ -30,6 +30,7 @@ PRIVATE_KEY_FILE = "private.key"
 REGISTRY_FILE = "registry.db"
 CONTROL_SOCKET = "control.sock"
 SETTINGS_VERSION = 1
+DEFAULT_EXPIRY_WARNING = 3 * 86400
 DEFAULT_UNDER_LOAD = 1000  # handshake messages a second
 
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
@@ -87,6 +88,7 @@ class HubSettings:
     routes: list[IPv4Network | IPv6Network] = field(default_factory=list)
     allow_peer_to_peer: bool = False
     subnet6: IPv6Network | None = None  # dual stack: the IPv6 subnet beside an IPv4 `subnet`
+    expiry_warning: int = DEFAULT_EXPIRY_WARNING  # seconds before a peer's expiry: a warning
 
     def __post_init__(self) -> None:
         given = [self.subnet, *([self.subnet6] if self.subnet6 else [])]
@@ -123,6 +125,9 @@ class HubSettings:
         except ValueError as exc:
             raise StateError(f"bad route: {exc}") from None
         self.allow_peer_to_peer = bool(self.allow_peer_to_peer)
+        if not isinstance(self.expiry_warning, int) or not 0 <= self.expiry_warning <= 10**9:
+            raise StateError(f"expiry warning must be 0 or more seconds, not"
+                             f" {self.expiry_warning!r}")
         if (not isinstance(self.under_load_threshold, int) or isinstance(self.under_load_threshold, bool)
                 or not 1 <= self.under_load_threshold <= 1_000_000):
             raise StateError(f"under-load threshold must be from 1 to 1000000 handshakes a "
@@ -154,6 +159,8 @@ class HubSettings:
         d["routes"] = [str(x) for x in self.routes]
         if self.under_load_threshold == DEFAULT_UNDER_LOAD:
             del d["under_load_threshold"]  # unchanged: the file stays what older hubs read
+        if self.expiry_warning == DEFAULT_EXPIRY_WARNING:
+            del d["expiry_warning"]
         return json.dumps({"version": SETTINGS_VERSION, **d}, indent=2) + "\n"
 
     @classmethod
