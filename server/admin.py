@@ -23,7 +23,7 @@ import time
 
 from pytun.common import __version__, cli, config, keys
 
-from . import control, policy, state
+from . import control, migrate, policy, state
 from .policy import PolicyError
 from .registry import Peer, RegistryError, SqliteRegistry
 
@@ -603,6 +603,62 @@ def cmd_set_groups(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------- moving
+
+def cmd_backup(args) -> int:
+    count = migrate.backup(args.state_dir, args.file)
+    print(f"backup of {count} peers, the hub key and settings written to {args.file} (0600);"
+          " keep it as safe as the hub's key")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    count = migrate.restore(args.file, args.state_dir)
+    print(f"restored {args.state_dir} from {args.file}: {count} peers; start the hub")
+    return 0
+
+
+def cmd_export(args) -> int:
+    settings, registry = _open(args)
+    with registry:
+        peers = registry.list()
+    text = migrate.export_wg_quick(settings, state.load_private_key(args.state_dir), peers,
+                                   time.time())
+    if args.output:
+        try:
+            keys.write_secret_file(args.output, text)
+        except OSError as exc:
+            raise AdminError(f"cannot write {args.output}: {exc.strerror}") from None
+        print(f"wg-quick config written to {args.output} (0600)", file=sys.stderr)
+    else:
+        _secret_stdout()
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_import_wg(args) -> int:
+    text = config.read_text(args.file)
+    live = None
+    if args.live:
+        import subprocess
+        done = subprocess.run(["wg", "show", args.live, "dump"], capture_output=True, text=True,
+                              timeout=10)
+        if done.returncode != 0:
+            raise AdminError(f"wg show {args.live} dump: {done.stderr.strip() or 'failed'}")
+        live = migrate.live_peers(done.stdout)
+    plan = migrate.plan_import(text, args.file, endpoint=args.endpoint,
+                               interface=args.interface, live=live)
+    sys.stdout.write(migrate.describe(plan))
+    if args.dry_run:
+        print("dry run: nothing written", file=sys.stderr)
+        return 0
+    _check_interfaces(plan.settings)
+    migrate.apply_import(plan, args.state_dir)
+    print(f"imported {len(plan.peers)} peers into {args.state_dir}; stop the WireGuard server,"
+          " then start pytun-server", file=sys.stderr)
+    return 0
+
+
 # ---------------------------------------------------------------------------------- parser
 
 
@@ -666,6 +722,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("set-groups", cmd_set_groups, "put a peer in exactly these groups")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("groups", metavar="GROUP,...", help="comma-separated; '' for none")
+
+    sp = add("backup", cmd_backup, "copy the registry, hub key and settings to one file (0600)")
+    sp.add_argument("file", metavar="FILE")
+    sp = add("restore", cmd_restore, "make a new state directory from a backup")
+    sp.add_argument("file", metavar="FILE")
+    sp = add("export", cmd_export, "print the registry as a wg-quick server config")
+    sp.add_argument("--format", choices=["wg-quick"], default="wg-quick")
+    sp.add_argument("-o", "--output", metavar="FILE", help="write it to FILE (0600)")
+    sp = add("import-wg", cmd_import_wg,
+             "take over a WireGuard server: its key, port, subnet and peers")
+    sp.add_argument("file", metavar="WG0.CONF")
+    sp.add_argument("--endpoint", required=True, metavar="HOST[:PORT]",
+                    help="what laptops dial (the server's config does not say)")
+    sp.add_argument("--interface", default="pytun0", metavar="NAME")
+    sp.add_argument("--live", metavar="IFACE",
+                    help="also take each peer's endpoint from the running server (wg show"
+                         " IFACE dump), so the hub calls the laptops back when it starts")
+    sp.add_argument("--dry-run", action="store_true", help="print what would be created")
 
     access = sub.add_parser("access", help="access rules: what laptops may reach through the hub",
                             description="Access rules: the hub drops everything from laptops that"
@@ -746,7 +820,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     args.state_dir = state.resolve_state_dir(args.state_dir)
     return cli.run(PROG, args.fn, args, (AdminError, RegistryError, state.StateError, keys.BadKey,
-                                         config.ConfigError, control.ControlError, PolicyError))
+                                         config.ConfigError, control.ControlError, PolicyError,
+                                         migrate.MigrateError))
 
 
 if __name__ == "__main__":

@@ -213,7 +213,8 @@ def save_settings(state_dir: str, settings: HubSettings) -> None:
     os.replace(tmp, path)
 
 
-def init_state(state_dir: str, settings: HubSettings, *, private_key: bytes | None = None) -> str:
+def init_state(state_dir: str, settings: HubSettings, *, private_key: bytes | None = None,
+               default_rules: bool = True) -> str:
     """Create the state directory, the hub key pair and an empty registry.
 
     Returns the hub's public key (base64). Refuses a directory that already holds state.
@@ -230,7 +231,8 @@ def init_state(state_dir: str, settings: HubSettings, *, private_key: bytes | No
         keys.write_secret_file(created[-1], keys.encode_key(private) + "\n")
         created += [registry_path(state_dir) + suffix for suffix in ("", "-wal", "-shm")]
         with SqliteRegistry(registry_path(state_dir)) as registry:
-            registry.ensure_default_rules(policy.default_rules(settings))
+            if default_rules:
+                registry.ensure_default_rules(policy.default_rules(settings))
         save_settings(state_dir, settings)
     except (OSError, RegistryError) as exc:
         for path in created:  # leave no half-made state that would block the next init
