@@ -121,6 +121,8 @@ def test_bad_interface_option_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("text, expected", [
     (conf(extra="Colour = blue\n"), ":4: unknown key 'Colour' in [Interface]"),
     (conf(extra="just words\n"), ":4: expected `Key = value`, got 'just words'"),
+    (conf().replace(f"PrivateKey = {B(PRIV)}", f"PrivateKey {B(PRIV)}"),
+     ":2: unknown key 'PrivateKey <redacted>' in [Interface]"),
     (conf().replace(B(HUB), "c2hvcnQ="), ":6: PublicKey must be 44 characters of base64"),
     (conf().replace(B(PRIV), "<the private key that goes with xyz>"),
      ":2: PrivateKey is a placeholder"),
