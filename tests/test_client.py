@@ -249,11 +249,15 @@ def test_the_address_prefix_route_is_not_added_twice():
     assert plan.routes == [Route(N("10.0.0.0/8"))]
 
 
-def test_full_tunnel_plan_is_wg_quicks():
+def test_full_tunnel_plan_is_wg_quicks_and_fails_closed():
     plan = routes.plan_routes([N("0.0.0.0/0"), N("::/0"), N("10.77.0.0/24")],
                               ["10.77.0.2/32", "fd77::2/128"])
+    # wg-quick's routes, each default followed by an unreachable one behind it, which stays
+    # when the TUN device (and the route through it) is gone.
     assert plan.routes == [Route(N("10.77.0.0/24")), Route(N("0.0.0.0/0"), 51820),
-                           Route(N("::/0"), 51820)]
+                           Route(N("0.0.0.0/0"), 51820, unreachable=True),
+                           Route(N("::/0"), 51820), Route(N("::/0"), 51820, unreachable=True)]
+    assert str(plan.routes[2]) == "unreachable 0.0.0.0/0 table 51820 metric 4294967295"
     assert plan.rules == [
         Rule(4, 51820, 32765, fwmark=51820, invert=True),
         Rule(4, MAIN_TABLE, 32764, suppress_prefixlength=0),
@@ -263,21 +267,44 @@ def test_full_tunnel_plan_is_wg_quicks():
     assert [str(r) for r in plan.rules[:2]] == [
         "-4 pref 32765 not fwmark 51820 table 51820",
         "-4 pref 32764 table main suppress_prefixlength 0"]
-    assert (plan.fwmark, plan.full_tunnel, plan.guard) == (51820, (4, 6), ("10.77.0.2",))
-    assert plan.src_valid_mark
+    assert (plan.fwmark, plan.full_tunnel, plan.guard) == (51820, (4, 6),
+                                                           ("10.77.0.2", "fd77::2"))
+    assert plan.src_valid_mark and plan.blocked == ()
 
 
 def test_full_tunnel_takes_a_free_table_or_the_configured_fwmark():
     plan = routes.plan_routes(["0.0.0.0/0"], used_tables={51820, 51821, 254},
-                              lowest_priority={4: 1000}, src_valid_mark="1")
-    assert plan.routes == [Route(N("0.0.0.0/0"), 51822)]
+                              lowest_priority={4: 1000}, src_valid_mark="1", ipv6=False)
+    assert plan.routes == [Route(N("0.0.0.0/0"), 51822),
+                           Route(N("0.0.0.0/0"), 51822, unreachable=True)]
     assert plan.rules == [Rule(4, 51822, 999, fwmark=51822, invert=True),
                           Rule(4, MAIN_TABLE, 998, suppress_prefixlength=0)]
     assert plan.fwmark == 51822 and not plan.src_valid_mark and plan.full_tunnel == (4,)
     plan = routes.plan_routes(["::/0"], fwmark=0x1234, used_tables={0x1234})
-    assert plan.routes == [Route(N("::/0"), 0x1234)] and plan.fwmark == 0x1234
+    assert plan.routes == [Route(N("::/0"), 0x1234), Route(N("::/0"), 0x1234, unreachable=True)]
+    assert plan.fwmark == 0x1234
     assert plan.rules[0] == Rule(6, 0x1234, 32765, fwmark=0x1234, invert=True)
     assert plan.guard == () and not plan.src_valid_mark  # IPv4 only
+
+
+def test_an_ipv4_only_full_tunnel_refuses_ipv6_rather_than_leak_it():
+    plan = routes.plan_routes(["0.0.0.0/0"], ["10.77.0.2/32"], lowest_priority={6: 1000})
+    assert plan.full_tunnel == (4,) and plan.blocked == (6,)
+    assert plan.routes == [Route(N("0.0.0.0/0"), 51820),
+                           Route(N("0.0.0.0/0"), 51820, unreachable=True),
+                           Route(N("::/0"), 51820, unreachable=True)]  # no IPv6 via the tunnel
+    assert plan.rules[2:] == [Rule(6, 51820, 999, fwmark=51820, invert=True),
+                              Rule(6, MAIN_TABLE, 998, suppress_prefixlength=0)]
+    assert "ip6" not in routes.nft_script(plan, "alice")
+    assert routes.plan_routes(["0.0.0.0/0"], ipv6=False).blocked == ()
+    assert routes.plan_routes(["0.0.0.0/0", "10.0.0.0/8"], table="off").blocked == ()
+
+
+def test_a_full_tunnel_without_dns_is_warned_about():
+    full = routes.plan_routes(["0.0.0.0/0", "::/0"], ["10.77.0.2/32"])
+    assert "full tunnel without DNS" in routes.dns_warning(full, [])
+    assert routes.dns_warning(full, [ipaddress.ip_address("10.77.0.1")]) is None
+    assert routes.dns_warning(routes.plan_routes(["10.77.0.0/24"]), []) is None
 
 
 def test_table_setting():
@@ -295,7 +322,12 @@ def test_table_setting():
 def test_plan_survives_the_state_file():
     plan = routes.plan_routes(["0.0.0.0/0", "::/0", "10.1.0.0/16"], ["10.77.0.2/32"])
     again = routes.Plan.from_json(json.loads(json.dumps(plan.to_json())))
-    assert again == plan
+    assert again == plan and any(r.unreachable for r in again.routes)
+    # A state file written before the unreachable routes existed still reads.
+    old = plan.to_json()
+    for r in old["routes"]:
+        del r["unreachable"]
+    assert routes.Plan.from_json(old).routes[1] == Route(N("0.0.0.0/0"), 51820)
 
 
 def test_reading_tables_and_priorities_from_dumps():
@@ -323,6 +355,14 @@ def test_nft_rules_for_a_full_tunnel():
         "add rule ip pytun-alice premangle meta l4proto udp meta mark set ct mark",
     ]
     assert routes.nft_script(routes.plan_routes(["10.0.0.0/8"]), "alice") == ""
+    # IPv6 tunnel addresses are guarded the same way.
+    plan = routes.plan_routes(["0.0.0.0/0", "::/0"], ["10.77.0.2/32", "fd77::2/128"])
+    guards = [line for line in routes.nft_script(plan, "alice").splitlines() if "drop" in line]
+    assert guards == [
+        'add rule ip pytun-alice preraw iifname != "alice" ip daddr 10.77.0.2 fib saddr type '
+        "!= local drop",
+        'add rule ip6 pytun-alice preraw iifname != "alice" ip6 daddr fd77::2 fib saddr type '
+        "!= local drop"]
 
 
 def test_hub_inside_allowed_ips_is_found():
@@ -519,7 +559,9 @@ def test_status_never_shows_a_private_key():
 
 def test_ipv6_networks_are_left_out_when_ipv6_is_off():
     plan = routes.plan_routes(["0.0.0.0/0", "::/0", "fd77::/64"], ["10.77.0.2/32"], ipv6=False)
-    assert plan.routes == [Route(N("0.0.0.0/0"), 51820)] and plan.full_tunnel == (4,)
+    assert plan.routes == [Route(N("0.0.0.0/0"), 51820),
+                           Route(N("0.0.0.0/0"), 51820, unreachable=True)]
+    assert plan.full_tunnel == (4,) and plan.blocked == ()
     assert [r.family for r in plan.rules] == [4, 4]
     assert plan.skipped == ("::/0", "fd77::/64")
 

@@ -59,7 +59,7 @@ class Net:
         self.topo, self.tmp = topo, tmp_path
         self.lap, self.isp, self.hub = topo.netns("lap"), topo.netns("isp"), topo.netns("hub")
         self.inet, self.office = topo.netns("inet"), topo.netns("off")
-        self.lap_dev, _ = topo.veth(self.lap, f"{LAPTOP}/25", self.isp, "198.51.100.1/25")
+        self.lap_dev, self.isp_lap_dev = topo.veth(self.lap, f"{LAPTOP}/25", self.isp, "198.51.100.1/25")
         topo.veth(self.isp, "198.51.100.129/25", self.hub, f"{HUB}/25")
         topo.veth(self.hub, f"{HUB_INET}/25", self.inet, f"{INET}/25")
         topo.veth(self.hub, "203.0.113.129/25", self.office, f"{OFFICE}/25")
@@ -450,3 +450,97 @@ def test_unresolvable_hub_is_retried_in_the_foreground_until_down(topology, tmp_
     assert proc.wait(10) == 0
     assert ifname not in ns.run("ip -o link").stdout
     assert os.listdir(tmp_path / "run") == []
+
+
+# A datagram to an "internet" address: "sent" when the kernel routed it out somewhere, else the
+# errno's name (EHOSTUNREACH from an unreachable route).
+UDP_SEND = r"""
+import errno, socket, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    s.sendto(b"leak?", (sys.argv[1], 9))
+    print("sent")
+except OSError as exc:
+    print(errno.errorcode[exc.errno])
+"""
+INET6 = "2001:db8:ff::2"  # beyond the laptop's IPv6 default route; nothing answers there
+LAN6, LAPTOP6 = "2001:db8:1::1", "2001:db8:1::2"
+
+
+def leak_counters(ns, dev: str) -> tuple[int, int]:
+    """Packets for INET and INET6 that left on the underlay `dev` in clear (nft counters)."""
+    out = ns.run("nft", "-j", "list", "table", "inet", "leakcount").stdout
+    found = {}
+    for item in json.loads(out)["nftables"]:
+        rule = item.get("rule")
+        if rule:
+            found[rule["comment"]] = next(e["counter"]["packets"] for e in rule["expr"]
+                                          if "counter" in e)
+    return found["v4"], found["v6"]
+
+
+@pytest.mark.parametrize("allowed", ["0.0.0.0/0, ::/0", "0.0.0.0/0"], ids=["dual", "ipv4-only"])
+def test_a_killed_full_tunnel_fails_closed_until_down(net, allowed):
+    """kill -9: the TUN device and its routes go, the unreachable defaults in the tunnel's table
+    stay, and nothing for the internet leaves on the underlay in clear, IPv4 or IPv6, until
+    `down`; the LAN stays reachable. With 0.0.0.0/0 alone, IPv6 is refused even while up."""
+    lap = net.lap
+    net.isp.run("ip", "addr", "add", f"{LAN6}/64", "dev", net.isp_lap_dev, "nodad")
+    lap.run("ip", "addr", "add", f"{LAPTOP6}/64", "dev", net.lap_dev, "nodad")
+    lap.run("ip", "-6", "route", "add", "default", "via", LAN6)
+    before = routing(lap)
+    lap.run("nft", "-f", "-", input=(
+        "add table inet leakcount\n"
+        "add chain inet leakcount out { type filter hook postrouting priority 0; }\n"
+        f'add rule inet leakcount out oifname "{net.lap_dev}" ip daddr {INET} counter '
+        'comment "v4"\n'
+        f'add rule inet leakcount out oifname "{net.lap_dev}" ip6 daddr {INET6} counter '
+        'comment "v6"\n'))
+    send = lambda dst: lap.run([PY, "-c", UDP_SEND, dst]).stdout.strip()  # noqa: E731
+
+    # Without a tunnel both go out in clear, and the counters see them.
+    assert (send(INET), send(INET6)) == ("sent", "sent")
+    assert leak_counters(lap, net.lap_dev) == (1, 1)
+
+    path = net.add_peer("kate", "--full-tunnel")
+    text = open(path).read()
+    assert "AllowedIPs = 0.0.0.0/0, ::/0" in text
+    if allowed != "0.0.0.0/0, ::/0":
+        text = text.replace("AllowedIPs = 0.0.0.0/0, ::/0", f"AllowedIPs = {allowed}")
+        text = "".join(line + "\n" for line in text.splitlines() if not line.startswith("DNS"))
+        open(path, "w").write(text)
+    client = Client(net, path)
+    client.up()
+    assert net.source_seen_by_inet() == HUB_INET
+    assert send(INET) == "sent"  # into the tunnel, not onto the underlay
+    assert send(INET6) == ("sent" if "::/0" in allowed else "EHOSTUNREACH")  # refused
+    assert leak_counters(lap, net.lap_dev) == (1, 1)
+    log = client.log.read_text()
+    if "::/0" in allowed:
+        assert "warning" not in log, log
+    else:
+        assert "IPv6 beyond the local network is refused" in log
+        assert "full tunnel without DNS in the config" in log
+
+    client.kill()
+    wait_until(lambda: client.ifname not in lap.run("ip -o link").stdout,
+               what="the TUN device to go with the killed client")
+    for dst in (INET, INET6):
+        lookup = lap.run("ip", "route", "get", dst, check=False)
+        assert lookup.returncode != 0 and lookup.stdout == "", lookup.stdout
+        assert lookup.stderr.strip() == "RTNETLINK answers: No route to host", lookup.stderr
+        assert send(dst) == "EHOSTUNREACH"  # what an unreachable route answers
+        assert not ping(lap, dst, timeout=1)
+    assert leak_counters(lap, net.lap_dev) == (1, 1)  # nothing left in clear
+    assert ping(lap, "198.51.100.1") and ping(lap, LAN6)  # the local network still works
+    table = lap.run("ip", "-4", "route", "show", "table", "51820").stdout
+    assert table.split() == ["unreachable", "default", "proto", "static", "metric",
+                             "4294967295"], table
+
+    client.proc = None
+    client.down()
+    assert (send(INET), send(INET6)) == ("sent", "sent")  # normal routing is back
+    assert leak_counters(lap, net.lap_dev) == (2, 2)
+    assert net.source_seen_by_inet() == LAPTOP
+    lap.run("nft", "delete", "table", "inet", "leakcount")
+    assert routing(lap) == before
