@@ -37,6 +37,14 @@ def conf(endpoint="192.0.2.1:51820", allowed="10.77.0.0/24, 203.0.113.0/24", ext
             f"PersistentKeepalive = 25\n{peer_extra}")
 
 
+@pytest.fixture(autouse=True)
+def private_files():
+    """Config files written here are 0600, as add-peer writes them: no readability warning."""
+    old = os.umask(0o077)
+    yield
+    os.umask(old)
+
+
 @pytest.fixture
 def run_dir(tmp_path, monkeypatch):
     d = tmp_path / "run"
@@ -588,3 +596,58 @@ def test_hooks_run_in_order_with_the_interface_name_and_report_failures(tmp_path
     monkeypatch.setattr(tunnel, "HOOK_TIMEOUT", 0.2)
     assert tunnel.run_hooks("PostUp", ["sleep 5"], "wg7") == [
         "PostUp command failed (still running after 0.2 s): sleep 5"]
+
+
+# ---------------------------------------------------------------------------------- file checks
+
+
+def fake_stat(mode: int, uid: int = 0, gid: int = 0):
+    return os.stat_result((mode, 0, 0, 1, uid, gid, 0, 0, 0, 0))
+
+
+def test_a_config_others_can_read_is_warned_about(tmp_path, capsys, run_dir):
+    path = tmp_path / "alice.conf"
+    path.write_text(conf())
+    os.chmod(path, 0o644)
+    cli.main(["up", str(path), "--interface", "bad name"])  # stops after reading the file
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == (f"pytun-client: warning: {path} is readable by group or others "
+                                   f"(mode 0644) and holds the private key; chmod 600 {path}")
+    os.chmod(path, 0o600)
+    cli.main(["up", str(path), "--interface", "bad name"])
+    assert "warning" not in capsys.readouterr().err
+    assert cli.file_warnings("x", fake_stat(0o100640)) and not cli.file_warnings("x", fake_stat(0o100600))
+
+
+def test_hooks_from_a_file_others_may_write_are_refused(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "alice.conf"
+    path.write_text(conf(extra="PostUp = touch /tmp/owned\n"))
+    os.chmod(path, 0o602)
+    monkeypatch.setattr(cli, "check_privileges", lambda: pytest.fail("got past the file check"))
+    assert cli.main(["up", str(path)]) == 1
+    assert one_error(capsys) == (f"{path}: refusing its PreUp/PostUp/PreDown/PostDown commands: "
+                                 f"the file is writable by others; they would run as this user "
+                                 f"(uid {os.geteuid()})")
+    os.chmod(path, 0o600)  # the same file without hooks would only be warned about
+    path.write_text(conf())
+    os.chmod(path, 0o602)
+    with pytest.raises(BaseException, match="got past the file check"):
+        cli.main(["up", str(path)])
+
+
+@pytest.mark.parametrize("mode, uid, gid, dir_mode, dir_uid, dir_gid, reason", [
+    (0o100600, 0, 0, 0o40700, 0, 0, None),
+    (0o100644, 0, 0, 0o40755, 0, 0, None),               # readable: a warning, not a refusal
+    (0o100600, 1000, 1000, 0o40755, 0, 0, None),         # the user running it owns it
+    (0o100600, 1001, 0, 0o40755, 0, 0, "owned by uid 1001"),
+    (0o100602, 0, 0, 0o40755, 0, 0, "writable by others"),
+    (0o100620, 0, 100, 0o40755, 0, 0, "writable by group 100"),
+    (0o100620, 0, 0, 0o40755, 0, 0, None),               # group root
+    (0o100600, 0, 0, 0o40777, 0, 0, "in a directory others may write to"),
+    (0o100600, 0, 0, 0o41777, 0, 0, None),               # sticky, like /tmp
+    (0o100600, 0, 0, 0o40775, 0, 100, "in a directory others may write to"),
+    (0o100600, 0, 0, 0o40700, 1001, 0, "in a directory owned by uid 1001"),
+])
+def test_who_may_have_written_the_hooks(mode, uid, gid, dir_mode, dir_uid, dir_gid, reason):
+    assert cli.hook_refusal(fake_stat(mode, uid, gid), fake_stat(dir_mode, dir_uid, dir_gid),
+                            euid=1000) == reason
