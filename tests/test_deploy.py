@@ -21,6 +21,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 
 import pytest
@@ -265,24 +266,84 @@ def test_systemd_analyze_verify_accepts_the_units(tmp_path):
 # ---------------------------------------------------------------------------------- sandbox
 
 # What systemd does for ProtectSystem=strict, ProtectKernelTunables=yes + ReadWritePaths=,
-# NoNewPrivileges=yes and the capability sets, done by hand in a private mount namespace.
+# ProtectProc=invisible, LimitCORE=0, User=, NoNewPrivileges=yes and the capability sets, done
+# by hand in a private mount namespace. USER is a uid ("" keeps root).
 SANDBOX = r"""
 set -e
-state=$1 caps=$2 rw=$3; shift 3
+state=$1 caps=$2 rw=$3 user=$4; shift 4
 mount --make-rprivate /
+mount -t proc -o hidepid=invisible proc /proc
 for p in /usr /etc /var /run /root /opt /boot; do
   [ -d "$p" ] && mount --bind "$p" "$p" && mount -o remount,bind,ro "$p"
 done
 mount --bind "$state" "$state"
 mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys
 for p in $rw; do mount --bind "$p" "$p" && mount -o remount,bind,rw "$p"; done
-exec setpriv --bounding-set="$caps" --inh-caps="$caps" --ambient-caps="$caps" \
-    --no-new-privs -- "$@"
+# ProtectHome=yes: /root is empty. The interpreter running these tests may live under /root;
+# it alone ($PYTUN_TEST_PYHOME) stays visible.
+pyhome=${PYTUN_TEST_PYHOME:-}
+if [ -n "$pyhome" ] && [ "${pyhome#/root/}" != "$pyhome" ]; then
+  mount -n --bind "$pyhome" /mnt && mount -n -t tmpfs -o mode=0755 tmpfs /root
+  mkdir -p "$pyhome" && mount -n --move /mnt "$pyhome"
+fi
+ulimit -c 0
+# /dev/net/tun as udev makes it on Debian (0666: opening it needs no root, TUNSETIFF needs
+# CAP_NET_ADMIN); some containers have it 0600.
+if [ -n "$user" ]; then
+  mount -t tmpfs -o mode=0755 tmpfs /dev/net && mknod -m 0666 /dev/net/tun c 10 200
+fi
+exec setpriv ${user:+--reuid=$user --regid=$user --clear-groups} --bounding-set="$caps" \
+    --inh-caps="$caps" --ambient-caps="$caps" --no-new-privs -- "$@"
 """
 
 
+def free_uid() -> int:
+    """A uid (and gid) no account or group on this machine uses: the unit's user stands-in."""
+    import grp
+    import pwd
+    for uid in range(64100, 65000):
+        try:
+            pwd.getpwuid(uid)
+            continue
+        except KeyError:
+            pass
+        try:
+            grp.getgrgid(uid)
+        except KeyError:
+            return uid
+    raise AssertionError("no free uid in 64100-64999")
+
+
+def test_the_hub_runs_as_the_dedicated_user_the_sysusers_file_creates(tmp_path):
+    unit = parse_unit(SERVER_UNIT)
+    assert value(unit, "Service", "User") == value(unit, "Service", "Group") == "pytun"
+    lines = [line.split() for line in (DEPLOY / "sysusers" / "pytun.conf").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert [(w[0], w[1]) for w in lines] == [("u", "pytun")]
+    assert state.DEFAULT_STATE_DIR in lines[0]  # its home, not a directory it does not own
+    sysusers = shutil.which("systemd-sysusers")
+    if sysusers is None:
+        pytest.skip("systemd-sysusers is not installed; the file was read by hand above")
+    (tmp_path / "etc").mkdir()  # a scratch root: this machine's accounts are not touched
+    subprocess.run([sysusers, f"--root={tmp_path}", str(DEPLOY / "sysusers" / "pytun.conf")],
+                   check=True, capture_output=True, timeout=30)
+    user = (tmp_path / "etc" / "passwd").read_text().split(":")
+    assert user[0] == "pytun" and 0 < int(user[2]) < 1000  # a system user
+    assert user[5:7] == [state.DEFAULT_STATE_DIR, "/usr/sbin/nologin\n"]
+
+
+def test_no_proc_subset_while_the_hub_writes_sysctls():
+    """ProcSubset=pid hides all of /proc/sys, so ip_forward could not be written (and systemd
+    could not even set up ReadWritePaths= under it)."""
+    unit = parse_unit(SERVER_UNIT)
+    assert any(p.lstrip("-").startswith("/proc/sys/") for p in words(unit, "Service", "ReadWritePaths"))
+    assert values(unit, "Service", "ProcSubset") in ([], ["all"])
+    assert value(unit, "Service", "ProtectProc") == "invisible"
+    assert value(unit, "Service", "LimitCORE") == "0"
+
+
 @pytest.mark.netns
-def test_the_hub_works_inside_the_units_sandbox(topology, tmp_path):
+def test_the_hub_works_inside_the_units_sandbox_as_its_own_user(topology, tmp_path):
     require_tools("unshare", "setpriv", "wireguard-go", "wg", "iptables-legacy-save")
     from .hubnet import INET_HOST, PY, Hub, WgGoLaptop
     from .netns import ping
@@ -292,31 +353,78 @@ def test_the_hub_works_inside_the_units_sandbox(topology, tmp_path):
                               for c in sorted(words(unit, "Service", "CapabilityBoundingSet")))
     rw = " ".join(sorted(p for p in words(unit, "Service", "ReadWritePaths")
                          if p.startswith("/proc/sys/")))
+    uid = free_uid()  # stands in for User=pytun
+    # The user must reach its state directory: not below pytest's root-only tmp_path.
+    base = pathlib.Path(tempfile.mkdtemp(prefix="pytun-hub-", dir="/tmp"))
+    os.chmod(base, 0o755)
+
+    env = {**os.environ, "PYTUN_TEST_PYHOME": sys.base_prefix}
+
+    def sandboxed(ns, argv, user=uid, **kw):
+        return ns.popen(["unshare", "--mount", "sh", "-c", SANDBOX, "sh", str(base), caps, rw,
+                         str(user), *argv], env=env, **kw)
 
     class SandboxedHub(Hub):
         def start(self) -> None:
-            os.makedirs(self.state_dir, exist_ok=True)
+            # What StateDirectory= with User= does: the directory, and what `pytun-admin init`
+            # put there as root, now belong to the user.
+            for path in [self.state_dir, *(os.path.join(self.state_dir, f)
+                                           for f in os.listdir(self.state_dir))]:
+                os.chown(path, uid, uid)
             log = open(self.log_path, "a")
-            self.proc = self.ns.popen(
-                ["unshare", "--mount", "sh", "-c", SANDBOX, "sh", self.state_dir, caps, rw,
-                 PY, "-m", "pytun.server.main", "--state-dir", self.state_dir],
-                stdout=log, stderr=subprocess.STDOUT)
+            self.proc = sandboxed(self.ns, [PY, "-m", "pytun.server.main", "--state-dir",
+                                            self.state_dir], stdout=log, stderr=subprocess.STDOUT)
             log.close()
             wait_until(self.running, timeout=15, what=f"the hub to answer ({self.log_path})")
 
-    hub = SandboxedHub(topology, tmp_path, init_args=("--route", f"{INET_HOST}/32"))
-    hub.start()
-    status = pathlib.Path(f"/proc/{hub.proc.pid}/status").read_text()
-    assert re.search(r"^CapEff:\s*0+3000$", status, re.M), status  # NET_ADMIN, NET_RAW only
-    assert re.search(r"^NoNewPrivs:\s*1$", status, re.M)
-    assert hub.ns.sysctl("net.ipv4.ip_forward") == "1"
-    ns, _ = hub.connect_laptop()
-    WgGoLaptop(ns, tmp_path, hub.add_peer("carol"))
-    assert wait_until(lambda: ping(ns, INET_HOST), timeout=10, what="NAT to the internet host")
-    assert hub.stop() == 0
-    assert hub.ns.sysctl("net.ipv4.ip_forward") == "0", hub.log()
-    assert "PYTUN" not in hub.ns.run("iptables-legacy-save").stdout
-    assert "error" not in hub.log().lower(), hub.log()
+    try:
+        hub = SandboxedHub(topology, base, init_args=("--route", f"{INET_HOST}/32"))
+        hub.start()
+        status = pathlib.Path(f"/proc/{hub.proc.pid}/status").read_text()
+        assert re.search(rf"^Uid:\s*{uid}\s+{uid}\s+{uid}\s+{uid}$", status, re.M), status
+        assert re.search(r"^Groups:\s*$", status, re.M), status
+        assert re.search(r"^CapEff:\s*0+3000$", status, re.M), status  # NET_ADMIN, NET_RAW only
+        assert re.search(r"^NoNewPrivs:\s*1$", status, re.M)
+        limits = pathlib.Path(f"/proc/{hub.proc.pid}/limits").read_text()
+        assert re.search(r"^Max core file size\s+0\s+0\s", limits, re.M), limits
+        # CAP_NET_ADMIN in the namespace's user namespace is enough to write a net sysctl.
+        assert hub.ns.sysctl("net.ipv4.ip_forward") == "1"
+        sock = os.stat(hub.control_path)
+        assert (sock.st_uid, oct(sock.st_mode & 0o777)) == (uid, "0o600")
+        # root (pytun-admin) can use the control socket; another user cannot.
+        assert hub.running()
+        other = sandboxed(hub.ns, [PY, "-c", CONNECT, hub.control_path], user=uid + 1,
+                          stdout=subprocess.PIPE, text=True)
+        assert other.communicate(timeout=30)[0].strip() == "PermissionError"
+        # The user can read no secret of the machine's.
+        shadow = sandboxed(hub.ns, ["cat", "/etc/shadow"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+        assert shadow.wait(30) != 0 and "Permission denied" in shadow.stderr.read()
+
+        ns, _ = hub.connect_laptop()
+        WgGoLaptop(ns, base, hub.add_peer("carol"))  # added by root while the hub runs
+        assert wait_until(lambda: ping(ns, INET_HOST), timeout=10, what="NAT to the internet host")
+        assert hub.stop() == 0
+        assert hub.ns.sysctl("net.ipv4.ip_forward") == "0", hub.log()
+        assert "PYTUN" not in hub.ns.run("iptables-legacy-save").stdout
+        assert "error" not in hub.log().lower(), hub.log()
+        # ExecStopPost= and ExecStartPre=, as the same user: nothing left to clean, exit 0.
+        cleanup = sandboxed(hub.ns, [PY, "-m", "pytun.server.main", "--cleanup", "--state-dir",
+                                     hub.state_dir], stderr=subprocess.PIPE, text=True)
+        assert cleanup.wait(30) == 0, cleanup.stderr.read()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+CONNECT = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(sys.argv[1])
+    print("connected")
+except OSError as exc:
+    print(type(exc).__name__)
+"""
 
 
 # ---------------------------------------------------------------------------------- drop-ins
