@@ -29,6 +29,7 @@ import pytest
 from pytun.common import config
 from pytun.server import nat, state
 
+from . import sandbox
 from .conftest import require_tools
 from .netns import topology, wait_until  # noqa: F401 (fixture)
 
@@ -265,55 +266,6 @@ def test_systemd_analyze_verify_accepts_the_units(tmp_path):
 
 # ---------------------------------------------------------------------------------- sandbox
 
-# What systemd does for ProtectSystem=strict, ProtectKernelTunables=yes + ReadWritePaths=,
-# ProtectProc=invisible, LimitCORE=0, User=, NoNewPrivileges=yes and the capability sets, done
-# by hand in a private mount namespace. USER is a uid ("" keeps root).
-SANDBOX = r"""
-set -e
-state=$1 caps=$2 rw=$3 user=$4; shift 4
-mount --make-rprivate /
-mount -t proc -o hidepid=invisible proc /proc
-for p in /usr /etc /var /run /root /opt /boot; do
-  [ -d "$p" ] && mount --bind "$p" "$p" && mount -o remount,bind,ro "$p"
-done
-mount --bind "$state" "$state"
-mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys
-for p in $rw; do mount --bind "$p" "$p" && mount -o remount,bind,rw "$p"; done
-# ProtectHome=yes: /root is empty. The interpreter running these tests may live under /root;
-# it alone ($PYTUN_TEST_PYHOME) stays visible.
-pyhome=${PYTUN_TEST_PYHOME:-}
-if [ -n "$pyhome" ] && [ "${pyhome#/root/}" != "$pyhome" ]; then
-  mount -n --bind "$pyhome" /mnt && mount -n -t tmpfs -o mode=0755 tmpfs /root
-  mkdir -p "$pyhome" && mount -n --move /mnt "$pyhome"
-fi
-ulimit -c 0
-# /dev/net/tun as udev makes it on Debian (0666: opening it needs no root, TUNSETIFF needs
-# CAP_NET_ADMIN); some containers have it 0600.
-if [ -n "$user" ]; then
-  mount -t tmpfs -o mode=0755 tmpfs /dev/net && mknod -m 0666 /dev/net/tun c 10 200
-fi
-exec setpriv ${user:+--reuid=$user --regid=$user --clear-groups} --bounding-set="$caps" \
-    --inh-caps="$caps" --ambient-caps="$caps" --no-new-privs -- "$@"
-"""
-
-
-def free_uid() -> int:
-    """A uid (and gid) no account or group on this machine uses: the unit's user stands-in."""
-    import grp
-    import pwd
-    for uid in range(64100, 65000):
-        try:
-            pwd.getpwuid(uid)
-            continue
-        except KeyError:
-            pass
-        try:
-            grp.getgrgid(uid)
-        except KeyError:
-            return uid
-    raise AssertionError("no free uid in 64100-64999")
-
-
 def test_the_hub_runs_as_the_dedicated_user_the_sysusers_file_creates(tmp_path):
     unit = parse_unit(SERVER_UNIT)
     assert value(unit, "Service", "User") == value(unit, "Service", "Group") == "pytun"
@@ -349,20 +301,18 @@ def test_the_hub_works_inside_the_units_sandbox_as_its_own_user(topology, tmp_pa
     from .netns import ping
 
     unit = parse_unit(SERVER_UNIT)
-    caps = "-all," + ",".join("+" + c.removeprefix("CAP_").lower()
-                              for c in sorted(words(unit, "Service", "CapabilityBoundingSet")))
-    rw = " ".join(sorted(p for p in words(unit, "Service", "ReadWritePaths")
-                         if p.startswith("/proc/sys/")))
-    uid = free_uid()  # stands in for User=pytun
+    caps = sandbox.unit_caps(words(unit, "Service", "CapabilityBoundingSet"))
+    rw = sorted(p.lstrip("-") for p in words(unit, "Service", "ReadWritePaths"))
+    assert value(unit, "Service", "SystemCallErrorNumber") == "EPERM"
+    syscalls = sandbox.syscall_filter(values(unit, "Service", "SystemCallFilter"))
+    uid = sandbox.free_uid()  # stands in for User=pytun
     # The user must reach its state directory: not below pytest's root-only tmp_path.
     base = pathlib.Path(tempfile.mkdtemp(prefix="pytun-hub-", dir="/tmp"))
     os.chmod(base, 0o755)
 
-    env = {**os.environ, "PYTUN_TEST_PYHOME": sys.base_prefix}
-
     def sandboxed(ns, argv, user=uid, **kw):
-        return ns.popen(["unshare", "--mount", "sh", "-c", SANDBOX, "sh", str(base), caps, rw,
-                         str(user), *argv], env=env, **kw)
+        return ns.popen(sandbox.command(base, caps, rw, user, argv, syscalls=syscalls),
+                        env=sandbox.sandbox_env(), **kw)
 
     class SandboxedHub(Hub):
         def start(self) -> None:
@@ -385,6 +335,7 @@ def test_the_hub_works_inside_the_units_sandbox_as_its_own_user(topology, tmp_pa
         assert re.search(r"^Groups:\s*$", status, re.M), status
         assert re.search(r"^CapEff:\s*0+3000$", status, re.M), status  # NET_ADMIN, NET_RAW only
         assert re.search(r"^NoNewPrivs:\s*1$", status, re.M)
+        assert re.search(r"^Seccomp:\s*2$", status, re.M)  # the system call filter is on
         limits = pathlib.Path(f"/proc/{hub.proc.pid}/limits").read_text()
         assert re.search(r"^Max core file size\s+0\s+0\s", limits, re.M), limits
         # CAP_NET_ADMIN in the namespace's user namespace is enough to write a net sysctl.
@@ -400,6 +351,11 @@ def test_the_hub_works_inside_the_units_sandbox_as_its_own_user(topology, tmp_pa
         shadow = sandboxed(hub.ns, ["cat", "/etc/shadow"], stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)
         assert shadow.wait(30) != 0 and "Permission denied" in shadow.stderr.read()
+        # The filter refuses what the hub never needs: lowering its own priority (@resources),
+        # which any user may otherwise do.
+        nice = sandboxed(hub.ns, [PY, "-c", "import os; os.setpriority(os.PRIO_PROCESS, 0, 5)"],
+                         stderr=subprocess.PIPE, text=True)
+        assert nice.wait(30) != 0 and "Operation not permitted" in nice.stderr.read()
 
         ns, _ = hub.connect_laptop()
         WgGoLaptop(ns, base, hub.add_peer("carol"))  # added by root while the hub runs
