@@ -140,14 +140,17 @@ class Client:
         self.log = net.tmp / f"client-{self.ifname}.log"
         self.proc: subprocess.Popen | None = None
 
+    def command(self, *args) -> list[str]:
+        return [PY, "-m", "pytun.client.main", *args]
+
     def cli(self, *args, check: bool = True) -> subprocess.CompletedProcess:
-        return self.ns.run([PY, "-m", "pytun.client.main", *args], env=self.env, check=check)
+        return self.ns.run(self.command(*args), env=self.env, check=check)
 
     def up(self) -> None:
         """Start the client; return after its first handshake (it logs one line for it)."""
         start = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "a") as log:
-            self.proc = self.ns.popen([PY, "-m", "pytun.client.main", "up", self.config],
+            self.proc = self.ns.popen(self.command("up", self.config),
                                       stdout=log, stderr=subprocess.STDOUT, env=self.env)
 
         def handshake() -> bool:
@@ -544,3 +547,55 @@ def test_a_killed_full_tunnel_fails_closed_until_down(net, allowed):
     assert net.source_seen_by_inet() == LAPTOP
     lap.run("nft", "delete", "table", "inet", "leakcount")
     assert routing(lap) == before
+
+
+def test_the_client_works_inside_its_units_sandbox(net):
+    """pytun-client@.service's sandbox, emulated: CAP_NET_ADMIN only, a read-only system,
+    src_valid_mark the one writable sysctl, the unit's system call filter. A full tunnel comes
+    up, its hooks cannot write to the system, and after a kill -9 `down` (ExecStopPost=, in the
+    same sandbox) cleans up."""
+    require_tools("unshare", "setpriv")
+    from tests import sandbox
+    from tests.test_deploy import CLIENT_UNIT, parse_unit, values, words
+
+    unit = parse_unit(CLIENT_UNIT)
+    caps = sandbox.unit_caps(words(unit, "Service", "CapabilityBoundingSet"))
+    rw = sorted(p.lstrip("-") for p in words(unit, "Service", "ReadWritePaths"))
+    syscalls = sandbox.syscall_filter(values(unit, "Service", "SystemCallFilter"))
+    assert value_of(unit, "ProtectSystem") == "strict"
+    assert value_of(unit, "RestrictSUIDSGID") == "yes" and value_of(unit, "LimitCORE") == "0"
+
+    class SandboxedClient(Client):
+        def command(self, *args) -> list[str]:
+            return sandbox.command(net.tmp, caps, rw, None,
+                                   [PY, "-m", "pytun.client.main", *args], syscalls=syscalls)
+
+    before = routing(net.lap)
+    path = net.add_peer("lena", "--full-tunnel")
+    hook_log = net.tmp / "hook.log"
+    add_hooks(path, {"PostUp": f"touch /etc/pytun-sandbox-%i 2>> {hook_log}; true"})
+    client = SandboxedClient(net, path)
+    client.env = sandbox.sandbox_env(**{k: v for k, v in client.env.items()
+                                        if k in ("PYTUN_RUN_DIR", "PATH", "RESOLVCONF_LOG")})
+    client.up()
+    status = open(f"/proc/{client.proc.pid}/status").read()
+    assert "CapEff:\t0000000000001000" in status, status  # CAP_NET_ADMIN only
+    assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status
+    assert net.source_seen_by_inet() == HUB_INET
+    assert net.lap.sysctl("net.ipv4.conf.all.src_valid_mark") == "1"
+    assert "Read-only file system" in hook_log.read_text()
+    assert not os.path.exists(f"/etc/pytun-sandbox-{client.ifname}")
+    assert client.status()["full_tunnel"] == 1
+
+    client.kill()
+    wait_until(lambda: client.ifname not in net.lap.run("ip -o link").stdout,
+               what="the TUN device to go with the killed client")
+    assert net.lap.run("ip", "route", "get", INET, check=False).returncode != 0  # fails closed
+    client.proc = None
+    client.down()
+    assert routing(net.lap) == before
+
+
+def value_of(unit: dict, key: str) -> str | None:
+    found = [v for k, v in unit["Service"] if k == key]
+    return found[-1] if found else None
