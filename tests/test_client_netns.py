@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -55,16 +56,28 @@ FAKE_RESOLVCONF = """#!/bin/sh
 class Net:
     """The namespaces above, a hub state directory and a running hub."""
 
-    def __init__(self, topo, tmp_path):
+    def __init__(self, topo, tmp_path, hop_mtu: int | None = None):
         self.topo, self.tmp = topo, tmp_path
         self.lap, self.isp, self.hub = topo.netns("lap"), topo.netns("isp"), topo.netns("hub")
         self.inet, self.office = topo.netns("inet"), topo.netns("off")
         self.lap_dev, self.isp_lap_dev = topo.veth(self.lap, f"{LAPTOP}/25", self.isp, "198.51.100.1/25")
-        topo.veth(self.isp, "198.51.100.129/25", self.hub, f"{HUB}/25")
+        self.isp.run("sysctl -qw net.ipv4.ip_forward=1")
+        if hop_mtu is None:
+            topo.veth(self.isp, "198.51.100.129/25", self.hub, f"{HUB}/25")
+            self.isp.run(f"ip route add 203.0.113.0/24 via {HUB}")
+        else:
+            # isp --(hop_mtu)-- mid --- hub: a narrow hop that neither end is attached to,
+            # so only ICMP "fragmentation needed" tells them about it.
+            self.mid = topo.netns("mid")
+            topo.veth(self.isp, "192.0.2.1/30", self.mid, "192.0.2.2/30", mtu=hop_mtu)
+            topo.veth(self.mid, "198.51.100.129/25", self.hub, f"{HUB}/25")
+            self.mid.run("sysctl -qw net.ipv4.ip_forward=1")
+            for net in ("198.51.100.128/25", "203.0.113.0/24"):
+                self.isp.run(f"ip route add {net} via 192.0.2.2")
+            self.mid.run("ip route add 198.51.100.0/25 via 192.0.2.1")
+            self.mid.run(f"ip route add 203.0.113.0/24 via {HUB}")
         topo.veth(self.hub, f"{HUB_INET}/25", self.inet, f"{INET}/25")
         topo.veth(self.hub, "203.0.113.129/25", self.office, f"{OFFICE}/25")
-        self.isp.run("sysctl -qw net.ipv4.ip_forward=1")
-        self.isp.run(f"ip route add 203.0.113.0/24 via {HUB}")
         self.lap.run("ip route add default via 198.51.100.1")
         self.hub.run(f"ip route add default via {INET}")
         self.hub.run("ip route add 198.51.100.0/25 via 198.51.100.129")
@@ -193,14 +206,24 @@ def routing(ns) -> dict:
     }
 
 
-@pytest.fixture
-def net(topology, tmp_path):
+def _net(topology, tmp_path, **kw):
     require_tools("ping", "nft", "iptables-legacy-save")
-    n = Net(topology, tmp_path)
+    n = Net(topology, tmp_path, **kw)
     yield n
     if n.hub_proc is not None and n.hub_proc.poll() is None:
         n.hub_proc.terminate()
         n.hub_proc.wait(10)
+
+
+@pytest.fixture
+def net(topology, tmp_path):
+    yield from _net(topology, tmp_path)
+
+
+@pytest.fixture
+def narrow_net(topology, tmp_path):
+    """The same, with a 1300-byte hop between the laptop and the hub."""
+    yield from _net(topology, tmp_path, hop_mtu=1300)
 
 
 def test_split_tunnel_routes_dns_and_a_clean_down(net):
@@ -599,3 +622,99 @@ def test_the_client_works_inside_its_units_sandbox(net):
 def value_of(unit: dict, key: str) -> str | None:
     found = [v for k, v in unit["Service"] if k == key]
     return found[-1] if found else None
+
+
+def ping_text(ns, dst: str, size: int) -> str:
+    """One don't-fragment echo request of `size` bytes in all (IPv4); ping's output."""
+    done = ns.run("ping", "-n", "-c", "1", "-W", "2", "-M", "do", "-s", size - 28, dst,
+                  check=False, timeout=10)
+    return done.stdout + done.stderr
+
+
+def test_path_mtu_through_a_1300_byte_hop(narrow_net):
+    """A 1300-byte hop between laptop and hub, tunnel MTU 1420: DF packets of MTU-1 and MTU
+    pass both ways (the encrypted datagrams are fragmented for the hop), MTU+1 is refused with
+    "fragmentation needed" naming the tunnel MTU, and TCP completes both ways."""
+    require_tools("iperf3")
+    net, mtu = narrow_net, 1420
+    # The underlay: 1300 bytes fit, 1301 get "fragmentation needed" from the hop's router.
+    assert ping(net.lap, HUB, size=1300 - 28, dont_fragment=True)
+    assert "Frag needed and DF set (mtu = 1300)" in ping_text(net.lap, HUB, 1301)
+
+    path = net.add_peer("nina", "--full-tunnel")
+    inner = str(wgconfig.load(path).interface.addresses[0].ip)
+    client = Client(net, path)
+    client.up()
+    # The first datagram too big for the hop, each way, carries DF (the UDP sockets' default,
+    # IP_PMTUDISC_WANT): the hop's router drops it and answers "fragmentation needed", after
+    # which the sending kernel fragments the datagrams to 1300 bytes. So at most one echo is
+    # lost each way, once; never more.
+    done = net.lap.run("ping", "-n", "-q", "-c", "5", "-i", "0.1", "-W", "2", "-M", "do", "-s",
+                       mtu - 1 - 28, HUB_INNER, check=False, timeout=20)
+    assert int(re.search(r"(\d+) received", done.stdout)[1]) >= 3, done.stdout
+    icmp = [int(ns.run("nstat", "-az", "IcmpOutDestUnreachs").stdout.split()[-2])
+            for ns in (net.isp, net.mid)]
+    assert all(n <= 1 for n in icmp), icmp
+    for size in (mtu - 1, mtu):  # laptop -> hub and inet -> laptop, every packet answered
+        assert ping(net.lap, HUB_INNER, count=5, size=size - 28, dont_fragment=True), size
+        assert ping(net.inet, inner, count=5, size=size - 28, dont_fragment=True), size
+    # MTU+1: the laptop's kernel refuses its own; a forwarded one gets ICMP from the hub.
+    assert "message too long, mtu=1420" in ping_text(net.lap, HUB_INNER, mtu + 1)
+    assert (f"From {HUB_INET} icmp_seq=1 Frag needed and DF set (mtu = {mtu})"
+            in ping_text(net.inet, inner, mtu + 1))
+
+    # TCP, full-size segments both ways (8 MiB each, bounded in time): every byte arrives.
+    hub_drops = lambda: net.hub.run([PY, "-c", STATS, net.state + "/control.sock"]).stdout  # noqa: E731
+    for direction in ("to-hub", "from-hub"):
+        sent, received = tcp_transfer(net, 8 << 20, to_hub=direction == "to-hub")
+        assert received == sent, direction
+    assert "udp_send_error" not in hub_drops()
+    client.down()
+
+
+TCP_END = r"""
+import hashlib, socket, sys
+role, mode, host, port, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+if role == "server":
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(1)
+    print("listening", flush=True)
+    listener.settimeout(30)
+    conn, _ = listener.accept()
+else:
+    conn = socket.create_connection((host, port), timeout=30)
+conn.settimeout(30)
+if mode == "send":
+    data = bytes(range(256)) * (size // 256)
+    conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
+    conn.recv(1)
+    print(len(data), hashlib.sha256(data).hexdigest())
+else:
+    digest, total = hashlib.sha256(), 0
+    while chunk := conn.recv(65536):
+        digest.update(chunk)
+        total += len(chunk)
+    print(total, digest.hexdigest())
+conn.close()
+"""
+
+STATS = """
+import sys
+from pytun.server import control
+print(control.request(sys.argv[1], [("stats", "1")]))
+"""
+
+
+def tcp_transfer(net, size: int, *, to_hub: bool, port: int = 5213) -> tuple[str, str]:
+    """`size` bytes over TCP between the laptop and the hub's inner address; (what the sender
+    says it sent, what the receiver got): byte count and SHA-256."""
+    server = net.hub.popen([PY, "-u", "-c", TCP_END, "server", "recv" if to_hub else "send",
+                            HUB_INNER, str(port), str(size)], stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "listening"
+    client = net.lap.run([PY, "-c", TCP_END, "client", "send" if to_hub else "recv", HUB_INNER,
+                          str(port), str(size)], timeout=40).stdout.strip()
+    out, _ = server.communicate(timeout=40)
+    return (client, out.strip()) if to_hub else (out.strip(), client)
