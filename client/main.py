@@ -233,11 +233,29 @@ def _wait_gone(state: dict, timeout: float) -> bool:
     return True
 
 
+def kept_after_failure(state: dict, environ=os.environ) -> str | None:
+    """Under systemd, ExecStopPost= runs `down` after every stop. After a failure (a crash, a
+    kill -9: SERVICE_RESULT is not "success") a full tunnel's fail-closed routes stay, so the
+    laptop does not send in clear until the unit restarts it; the next `up` or a `down` from a
+    shell removes them. Returns the failure, or None when `down` should undo everything."""
+    result = environ.get("SERVICE_RESULT")
+    plan = state.get("plan") or {}
+    if result and result != "success" and plan.get("full_tunnel") and not tunnel.is_running(state):
+        return result
+    return None
+
+
 def cmd_down(args) -> int:
     directory = tunnel.run_dir()
     ifname, state = find_tunnel(args.target, directory)
     if state is None:
         raise ClientError(f"{ifname} is not up (nothing in {directory})")
+    failure = kept_after_failure(state)
+    if failure:
+        log.warning("%s stopped with %s: its full tunnel stays closed (traffic for the internet "
+                    "is refused) until it starts again or `pytun-client down %s` from a shell",
+                    ifname, failure, ifname)
+        return 0
     if tunnel.is_running(state):
         pid = state["pid"]
         log.info("stopping %s (pid %d)", ifname, pid)

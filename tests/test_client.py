@@ -651,3 +651,29 @@ def test_hooks_from_a_file_others_may_write_are_refused(tmp_path, capsys, monkey
 def test_who_may_have_written_the_hooks(mode, uid, gid, dir_mode, dir_uid, dir_gid, reason):
     assert cli.hook_refusal(fake_stat(mode, uid, gid), fake_stat(dir_mode, dir_uid, dir_gid),
                             euid=1000) == reason
+
+
+def test_down_after_a_failure_under_systemd_keeps_a_full_tunnel_closed(run_dir, capsys,
+                                                                        monkeypatch):
+    run_dir.mkdir()
+    undone = []
+    monkeypatch.setattr(tunnel, "undo_recorded", lambda state: undone.append(state) or [])
+    plan = routes.plan_routes(["0.0.0.0/0", "::/0"], ["10.77.0.2/32"]).to_json()
+    state = {"version": 1, "pid": dead_pid(), "start_time": "1", "interface": "alice",
+             "config": "/etc/pytun/alice.conf", "link": True, "plan": plan, "dns": None}
+    tunnel.write_state(str(run_dir / "alice.json"), state)
+    # ExecStopPost= after a kill -9 (systemd's SERVICE_RESULT=signal): nothing is undone.
+    monkeypatch.setenv("SERVICE_RESULT", "signal")
+    assert cli.main(["down", "alice"]) == 0
+    assert capsys.readouterr().err == (
+        "pytun-client: warning: alice stopped with signal: its full tunnel stays closed (traffic "
+        "for the internet is refused) until it starts again or `pytun-client down alice` from a "
+        "shell\n")
+    assert undone == [] and os.listdir(run_dir) == ["alice.json"]
+    # A split tunnel has nothing to keep closed; a `down` from a shell undoes everything.
+    assert cli.kept_after_failure({**state, "plan": routes.plan_routes(["10.0.0.0/8"]).to_json()}
+                                  ) is None
+    monkeypatch.delenv("SERVICE_RESULT")
+    assert cli.main(["down", "alice"]) == 0
+    assert len(undone) == 1 and os.listdir(run_dir) == []
+    assert cli.kept_after_failure(state, {"SERVICE_RESULT": "success"}) is None

@@ -590,7 +590,7 @@ def test_the_client_works_inside_its_units_sandbox(net):
     """pytun-client@.service's sandbox, emulated: CAP_NET_ADMIN only, a read-only system,
     src_valid_mark the one writable sysctl, the unit's system call filter. A full tunnel comes
     up, its hooks cannot write to the system, and after a kill -9 `down` (ExecStopPost=, in the
-    same sandbox) cleans up."""
+    same sandbox) keeps it closed until the unit restarts it."""
     require_tools("unshare", "setpriv")
     from tests import sandbox
     from tests.test_deploy import CLIENT_UNIT, parse_unit, values, words
@@ -628,7 +628,15 @@ def test_the_client_works_inside_its_units_sandbox(net):
     wait_until(lambda: client.ifname not in net.lap.run("ip -o link").stdout,
                what="the TUN device to go with the killed client")
     assert net.lap.run("ip", "route", "get", INET, check=False).returncode != 0  # fails closed
-    client.proc = None
+    # ExecStopPost=-pytun-client down %i, as systemd runs it after that kill: the tunnel stays
+    # closed until Restart= brings it back (or a `down` from a shell).
+    kept = net.lap.run(client.command("down", client.ifname),
+                       env={**client.env, "SERVICE_RESULT": "signal"})
+    assert "stays closed" in kept.stderr
+    assert net.lap.run("ip", "route", "get", INET, check=False).returncode != 0
+    client.up()  # Restart=on-failure: the leftovers go, the tunnel is back
+    assert "did not stop cleanly" in client.log.read_text()
+    assert net.source_seen_by_inet() == HUB_INET
     client.down()
     assert routing(net.lap) == before
 
