@@ -316,11 +316,12 @@ def test_the_hub_works_inside_the_units_sandbox_as_its_own_user(topology, tmp_pa
 
     class SandboxedHub(Hub):
         def start(self) -> None:
-            # What StateDirectory= with User= does: the directory, and what `pytun-admin init`
-            # put there as root, now belong to the user.
-            for path in [self.state_dir, *(os.path.join(self.state_dir, f)
-                                           for f in os.listdir(self.state_dir))]:
-                os.chown(path, uid, uid)
+            # What StateDirectory= with User= does: when the directory is not the user's yet,
+            # it and everything in it (what `pytun-admin init` wrote as root) become the user's.
+            if os.stat(self.state_dir).st_uid != uid:
+                for path in [self.state_dir, *(os.path.join(self.state_dir, f)
+                                               for f in os.listdir(self.state_dir))]:
+                    os.chown(path, uid, uid)
             log = open(self.log_path, "a")
             self.proc = sandboxed(self.ns, [PY, "-m", "pytun.server.main", "--state-dir",
                                             self.state_dir], stdout=log, stderr=subprocess.STDOUT)
@@ -368,6 +369,13 @@ def test_the_hub_works_inside_the_units_sandbox_as_its_own_user(topology, tmp_pa
         cleanup = sandboxed(hub.ns, [PY, "-m", "pytun.server.main", "--cleanup", "--state-dir",
                                      hub.state_dir], stderr=subprocess.PIPE, text=True)
         assert cleanup.wait(30) == 0, cleanup.stderr.read()
+        # pytun-admin, as root, changes the registry while the hub is stopped; the hub starts
+        # again as its user and serves the new peer.
+        ns2, _ = hub.connect_laptop()
+        WgGoLaptop(ns2, base, hub.add_peer("dave"))
+        hub.start()
+        assert wait_until(lambda: ping(ns2, INET_HOST), timeout=10, what="dave through the hub")
+        assert hub.stop() == 0
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
