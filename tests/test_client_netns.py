@@ -759,3 +759,37 @@ def tcp_transfer(net, size: int, *, to_hub: bool, port: int = 5213) -> tuple[str
                           str(port), str(size)], timeout=40).stdout.strip()
     out, _ = server.communicate(timeout=40)
     return (client, out.strip()) if to_hub else (out.strip(), client)
+
+
+def echo_requests_seen(ns) -> tuple[int, int]:
+    """ICMP and ICMPv6 echo requests this namespace's stack received (absolute counters)."""
+    out = ns.run("nstat", "-asz", "IcmpInEchos", "Icmp6InEchos").stdout.split()
+    return int(out[out.index("IcmpInEchos") + 1]), int(out[out.index("Icmp6InEchos") + 1])
+
+
+def test_the_tunnel_addresses_are_guarded_from_the_underlay(net):
+    """wg-quick's raw-table guard, for IPv4 and IPv6 tunnel addresses: a packet for them that
+    arrives on another interface (here from the laptop's LAN router) is dropped before the
+    stack sees it; the laptop's own underlay address still answers."""
+    isp, lap = net.isp, net.lap
+    isp.run("ip", "addr", "add", f"{LAN6}/64", "dev", net.isp_lap_dev, "nodad")
+    lap.run("ip", "addr", "add", f"{LAPTOP6}/64", "dev", net.lap_dev, "nodad")
+    path = net.add_peer("lisa", "--full-tunnel")
+    add_lines = open(path).read().replace("[Interface]\n", "[Interface]\nAddress = fd77::2/128\n")
+    open(path, "w").write(add_lines)
+    client = Client(net, path)
+    client.up()
+    inner = next(str(a.ip) for a in wgconfig.load(path).interface.addresses if a.version == 4)
+    guards = lap.run("nft", "list", "ruleset").stdout
+    for address in (inner, "fd77::2"):
+        assert f"daddr {address} fib saddr type != local drop" in guards, guards
+    isp.run("ip", "route", "add", inner, "via", LAPTOP)
+    isp.run("ip", "-6", "route", "add", "fd77::2", "via", LAPTOP6)
+
+    seen = echo_requests_seen(lap)
+    assert ping(isp, LAPTOP) and ping(isp, LAPTOP6)  # the underlay answers: counters count
+    assert echo_requests_seen(lap) == (seen[0] + 1, seen[1] + 1)
+    seen = echo_requests_seen(lap)
+    assert not ping(isp, inner, timeout=1) and not ping(isp, "fd77::2", timeout=1)
+    assert echo_requests_seen(lap) == seen  # dropped before the stack saw them
+    client.down()
