@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import signal
+import stat
 import sys
 import time
 
@@ -63,10 +64,71 @@ def check_interface(name: str) -> str:
     return name
 
 
+def read_config(path: str) -> tuple[str, os.stat_result, os.stat_result | None]:
+    """The file's text, its status (of the very file read) and its directory's status."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise config.ConfigError(f"{path}:0: cannot read: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        try:
+            text = f.read().decode("utf-8")
+        except UnicodeDecodeError:
+            raise config.ConfigError(f"{path}:1: not a text file") from None
+        except OSError as exc:
+            raise config.ConfigError(f"{path}:0: cannot read: {exc.strerror}") from None
+    try:
+        dir_st = os.stat(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        dir_st = None
+    return text, st, dir_st
+
+
+def file_warnings(path: str, st) -> list[str]:
+    """wg-quick's warning: the file holds the private key and others can read it."""
+    if st.st_mode & 0o044:
+        return [f"{path} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}) and "
+                f"holds the private key; chmod 600 {path}"]
+    return []
+
+
+def hook_refusal(st, dir_st, euid: int) -> str | None:
+    """Why hook commands (run as this user, usually root) must not come from this file, or None.
+
+    Trusted: owned by root or by the user running pytun-client, writable by nobody else, in a
+    directory nobody else can replace it in.
+    """
+    trusted = (0, euid)
+    if st.st_uid not in trusted:
+        return f"owned by uid {st.st_uid}"
+    if st.st_mode & 0o002:
+        return "writable by others"
+    if st.st_mode & 0o020 and st.st_gid not in trusted:
+        return f"writable by group {st.st_gid}"
+    if dir_st is not None:
+        if dir_st.st_uid not in trusted:
+            return f"in a directory owned by uid {dir_st.st_uid}"
+        if not dir_st.st_mode & stat.S_ISVTX and (
+                dir_st.st_mode & 0o002 or dir_st.st_mode & 0o020 and dir_st.st_gid not in trusted):
+            return "in a directory others may write to"
+    return None
+
+
 def load_config(path: str) -> config.WgConfig:
-    """Parse the file and insist on exactly one [Peer], the hub."""
-    text = config.read_text(path)
+    """Parse the file and insist on exactly one [Peer], the hub. Refuses hook commands from a
+    file others could have written; warns when others can read it."""
+    text, st, dir_st = read_config(path)
     cfg = config.parse(text, path)
+    for warning in file_warnings(path, st):
+        log.warning("%s", warning)
+    i = cfg.interface
+    if i.pre_up or i.post_up or i.pre_down or i.post_down:
+        reason = hook_refusal(st, dir_st, os.geteuid())
+        if reason:
+            raise ClientError(f"{path}: refusing its PreUp/PostUp/PreDown/PostDown commands: "
+                              f"the file is {reason}; they would run as this user "
+                              f"(uid {os.geteuid()})")
     peer_lines = [n for n, line in enumerate(text.splitlines(), 1)
                   if line.split("#", 1)[0].strip().lower() == "[peer]"]
     if not cfg.peers:
@@ -172,11 +234,29 @@ def _wait_gone(state: dict, timeout: float) -> bool:
     return True
 
 
+def kept_after_failure(state: dict, environ=os.environ) -> str | None:
+    """Under systemd, ExecStopPost= runs `down` after every stop. After a failure (a crash, a
+    kill -9: SERVICE_RESULT is not "success") a full tunnel's fail-closed routes stay, so the
+    laptop does not send in clear until the unit restarts it; the next `up` or a `down` from a
+    shell removes them. Returns the failure, or None when `down` should undo everything."""
+    result = environ.get("SERVICE_RESULT")
+    plan = state.get("plan") or {}
+    if result and result != "success" and plan.get("full_tunnel") and not tunnel.is_running(state):
+        return result
+    return None
+
+
 def cmd_down(args) -> int:
     directory = tunnel.run_dir()
     ifname, state = find_tunnel(args.target, directory)
     if state is None:
         raise ClientError(f"{ifname} is not up (nothing in {directory})")
+    failure = kept_after_failure(state)
+    if failure:
+        log.warning("%s stopped with %s: its full tunnel stays closed (traffic for the internet "
+                    "is refused) until it starts again or `pytun-client down %s` from a shell",
+                    ifname, failure, ifname)
+        return 0
     if tunnel.is_running(state):
         pid = state["pid"]
         log.info("stopping %s (pid %d)", ifname, pid)

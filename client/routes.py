@@ -5,13 +5,22 @@ What wg-quick does, as data first:
     split tunnel   ip route add NET dev IFACE                  for each AllowedIPs network
                    (skipped when the interface's own address prefix already covers it)
     full tunnel    ip route add default dev IFACE table T      for each family with a /0
+                   ip route add unreachable default table T metric 4294967295
                    ip rule add not fwmark T table T
                    ip rule add table main suppress_prefixlength 0
                    the UDP socket carries fwmark T, so the tunnel's own packets to the hub
                    still follow the main table; T is FwMark, else the first free table from 51820
                    (IPv4) nft: conntrack restores the mark on the hub's replies and
                    src_valid_mark=1, so strict reverse-path filtering lets them in; packets for
-                   the tunnel address that arrive on another interface are dropped
+                   the tunnel addresses (IPv4 and IPv6) that arrive on another interface are
+                   dropped
+    fail closed    The unreachable default is not wg-quick's: it outlives the TUN device, so
+                   after a kill -9 (the device and its routes go with the process) traffic for
+                   the internet is refused, not sent in clear on the underlay, until `down`
+                   removes rules and routes. The LAN stays reachable (suppress_prefixlength 0).
+                   A full tunnel for IPv4 only, on a host with IPv6, gets the same rules and
+                   only the unreachable route for IPv6: IPv6 to the internet is refused rather
+                   than sent around the tunnel.
     Table = off    no routes;  Table = N or main: every AllowedIPs route in table N, no rules
 
 `plan_routes` is pure (the current tables and rule priorities are arguments), so the plan is
@@ -41,13 +50,19 @@ class PlanError(ValueError):
     """The configuration asks for routing pytun-client cannot set up."""
 
 
+FAIL_CLOSED_METRIC = 0xFFFFFFFF  # the unreachable default: behind every other route of table T
+
+
 @dataclass(frozen=True)
 class Route:
     dst: IPNetwork
     table: int | None = None  # None: the main table
+    unreachable: bool = False  # `unreachable DST table T metric FAIL_CLOSED_METRIC`, no device
 
     def __str__(self) -> str:
-        return f"{self.dst}" + (f" table {self.table}" if self.table is not None else "")
+        return (("unreachable " if self.unreachable else "") + f"{self.dst}"
+                + (f" table {self.table}" if self.table is not None else "")
+                + (f" metric {FAIL_CLOSED_METRIC}" if self.unreachable else ""))
 
 
 @dataclass(frozen=True)
@@ -75,13 +90,15 @@ class Plan:
     rules: list[Rule] = field(default_factory=list)
     fwmark: int = 0  # SO_MARK of the UDP socket; 0: none
     full_tunnel: tuple[int, ...] = ()  # families whose default route goes through the tunnel
-    guard: tuple[str, ...] = ()  # IPv4 tunnel addresses protected by the nft raw rule
+    guard: tuple[str, ...] = ()  # tunnel addresses protected by the nft raw rule
     src_valid_mark: bool = False  # set net.ipv4.conf.all.src_valid_mark=1 (it was 0)
     skipped: tuple[str, ...] = ()  # IPv6 networks left out because IPv6 is off (not stored)
+    blocked: tuple[int, ...] = ()  # families refused rather than tunnelled (not stored)
 
     def to_json(self) -> dict:
         return {
-            "routes": [{"dst": str(r.dst), "table": r.table} for r in self.routes],
+            "routes": [{"dst": str(r.dst), "table": r.table, "unreachable": r.unreachable}
+                       for r in self.routes],
             "rules": [{"family": r.family, "table": r.table, "priority": r.priority,
                        "fwmark": r.fwmark, "invert": r.invert,
                        "suppress_prefixlength": r.suppress_prefixlength} for r in self.rules],
@@ -94,7 +111,8 @@ class Plan:
     @classmethod
     def from_json(cls, d: dict) -> "Plan":
         return cls(
-            routes=[Route(ipaddress.ip_network(r["dst"]), r.get("table"))
+            routes=[Route(ipaddress.ip_network(r["dst"]), r.get("table"),
+                          bool(r.get("unreachable")))
                     for r in d.get("routes", [])],
             rules=[Rule(**r) for r in d.get("rules", [])],
             fwmark=int(d.get("fwmark") or 0),
@@ -164,20 +182,33 @@ def plan_routes(allowed_ips, addresses=(), *, table: str | None = None,
         while full_table in used_tables:
             full_table += 1
         plan.fwmark = full_table
-    for n in defaults:
-        fam = n.version
+    plan.full_tunnel = tuple(n.version for n in defaults)
+    if plan.full_tunnel == (4,) and ipv6:
+        plan.blocked = (6,)
+    for fam in plan.full_tunnel + plan.blocked:
         # The kernel puts a rule without a priority just in front of the first non-zero one;
         # naming that priority ourselves lets `undo` delete exactly our rule.
         below = lowest_priority.get(fam, 32766)
         plan.rules.append(Rule(fam, full_table, below - 1, fwmark=full_table, invert=True))
         plan.rules.append(Rule(fam, MAIN_TABLE, below - 2, suppress_prefixlength=0))
-        plan.routes.append(Route(n, full_table))
-    plan.full_tunnel = tuple(n.version for n in defaults)
+        default = ipaddress.ip_network("0.0.0.0/0" if fam == 4 else "::/0")
+        if fam in plan.full_tunnel:
+            plan.routes.append(Route(default, full_table))
+        plan.routes.append(Route(default, full_table, unreachable=True))
+    plan.guard = tuple(str(ipaddress.ip_interface(a).ip) for a in addresses
+                       if ipaddress.ip_interface(a).version in plan.full_tunnel)
     if 4 in plan.full_tunnel:
-        plan.guard = tuple(str(ipaddress.ip_interface(a).ip) for a in addresses
-                           if ipaddress.ip_interface(a).version == 4)
         plan.src_valid_mark = src_valid_mark.strip() != "1"
     return plan
+
+
+def dns_warning(plan: Plan, dns_servers) -> str | None:
+    """A full tunnel whose config names no DNS server leaves lookups with the local resolver."""
+    if plan.full_tunnel and not list(dns_servers):
+        return ("full tunnel without DNS in the config: name lookups go to this machine's "
+                "resolver as before (often the LAN's, outside the tunnel); add DNS = to "
+                "[Interface]")
+    return None
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -253,9 +284,9 @@ def nft_script(plan: Plan, ifname: str) -> str:
             f"add chain {t} premangle {{ type filter hook prerouting priority -150; }}",
             f"add chain {t} postmangle {{ type filter hook postrouting priority -150; }}",
         ]
-        if fam == 4:
-            lines += [f'add rule {t} preraw iifname != "{ifname}" ip daddr {a} '
-                      f"fib saddr type != local drop" for a in plan.guard]
+        lines += [f'add rule {t} preraw iifname != "{ifname}" {pf} daddr {a} '
+                  f"fib saddr type != local drop" for a in plan.guard
+                  if ipaddress.ip_address(a).version == fam]
         lines += [
             f"add rule {t} postmangle meta l4proto udp mark {plan.fwmark} ct mark set mark",
             f"add rule {t} premangle meta l4proto udp meta mark set ct mark",
@@ -294,7 +325,11 @@ def apply(plan: Plan, ifname: str) -> list[str]:
     """
     warnings = []
     for route in plan.routes:
-        linux.add_route(route.dst, ifname, route.table)
+        if route.unreachable:
+            linux.add_route(route.dst, None, route.table, kind="unreachable",
+                            metric=FAIL_CLOSED_METRIC)
+        else:
+            linux.add_route(route.dst, ifname, route.table)
     for rule in plan.rules:
         linux.add_rule(rule.table, family=rule.family, fwmark=rule.fwmark, invert=rule.invert,
                        suppress_prefixlength=rule.suppress_prefixlength, priority=rule.priority)
@@ -324,7 +359,11 @@ def undo(plan: Plan, ifname: str) -> list[str]:
             problems.append(str(exc))
     for route in reversed(plan.routes):
         try:
-            linux.del_route(route.dst, ifname, route.table)
+            if route.unreachable:
+                linux.del_route(route.dst, None, route.table, kind="unreachable",
+                                metric=FAIL_CLOSED_METRIC)
+            else:
+                linux.del_route(route.dst, ifname, route.table)
         except linux.LinuxError as exc:
             problems.append(str(exc))
     if plan.full_tunnel:

@@ -261,6 +261,12 @@ class Tunnel:
         if self.plan.skipped:
             log.warning("IPv6 is off on this host: AllowedIPs %s not routed",
                         ", ".join(self.plan.skipped))
+        if self.plan.blocked:
+            log.warning("AllowedIPs has 0.0.0.0/0 but not ::/0: IPv6 beyond the local network is "
+                        "refused while the tunnel is up, not sent around it")
+        warning = routes.dns_warning(self.plan, i.dns)
+        if warning:
+            log.warning("%s", warning)
         self.state["link"] = True
         self.save()
         self.tun_fd, self.ifname = linux.open_tun(self.ifname, vnet_hdr=True)

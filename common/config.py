@@ -15,7 +15,8 @@ The format is the one wg(8) and wg-quick(8) read:
 
 Keys and section names are case-insensitive, `#` starts a comment, list values may be split
 over several lines. Every error is a `ConfigError` whose message starts with `path:line:`.
-Key values are kept as 32 raw bytes and never appear in a repr.
+Key values are kept as 32 raw bytes and never appear in a repr, and an error that quotes the
+file (a mistyped line such as `PrivateKey yAnz...=`) shows key-like words as `<redacted>`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,24 @@ _HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[
 
 class ConfigError(ValueError):
     """A config file that cannot be used. The message starts with `path:line:`."""
+
+
+# A word of 16 or more base64 (or base64url) characters with upper and lower case letters and
+# a digit, `+`, `/` or more than four capitals: a key, a piece of one, or a secret pasted into
+# the wrong line. Host names, addresses and the config's own words (PersistentKeepalive) are not.
+_KEY_LIKE = re.compile(r"(?<![A-Za-z0-9+/_=-])[A-Za-z0-9+/_-]{16,}={0,2}(?![A-Za-z0-9+/_=-])")
+REDACTED = "<redacted>"
+
+
+def _key_like(word: str) -> bool:
+    upper = sum(c.isupper() for c in word)
+    return (upper > 0 and any(c.islower() for c in word)
+            and (upper > 4 or any(c.isdigit() or c in "+/" for c in word)))
+
+
+def redact(text: str) -> str:
+    """`text` with every key-like word replaced by `<redacted>`, for messages that quote input."""
+    return _KEY_LIKE.sub(lambda m: REDACTED if _key_like(m.group(0)) else m.group(0), text)
 
 
 @dataclass
@@ -134,10 +153,14 @@ def _int(value: str, what: str, low: int, high: int) -> int:
 # ---------------------------------------------------------------------------------- parse
 
 
+class _Placeholder(ValueError):
+    """add-peer's PrivateKey placeholder, whose message names the (public) key to use."""
+
+
 def _set_interface(iface: InterfaceConfig, key: str, value: str) -> None:
     if key == "privatekey":
         if value.startswith("<") and value.endswith(">"):
-            raise ValueError(
+            raise _Placeholder(
                 f"PrivateKey is a placeholder: {value}; replace it with the laptop's own "
                 "private key (the one `wg pubkey` turns into the public key the hub knows)"
             )
@@ -208,8 +231,8 @@ def parse(text: str, path: str = "<config>", *, require_private_key: bool = True
     section: str | None = None
     seen: dict[str, int] = {}
 
-    def fail(lineno: int, msg: str) -> ConfigError:
-        return ConfigError(f"{path}:{lineno}: {msg}")
+    def fail(lineno: int, msg: str, *, quotes_input: bool = True) -> ConfigError:
+        return ConfigError(f"{path}:{lineno}: {redact(msg) if quotes_input else msg}")
 
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
@@ -231,7 +254,7 @@ def parse(text: str, path: str = "<config>", *, require_private_key: bool = True
         key, sep, value = line.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key:
-            raise fail(lineno, f"expected `Key = value`, got {line[:40]!r}")
+            raise fail(lineno, f"expected `Key = value`, got {redact(line)[:60]!r}")
         if section is None:
             raise fail(lineno, f"{key} appears before any [Interface] or [Peer] section")
         lkey = key.lower()
@@ -246,6 +269,8 @@ def parse(text: str, path: str = "<config>", *, require_private_key: bool = True
         except KeyError:
             where = "[Interface]" if section == "interface" else "[Peer]"
             raise fail(lineno, f"unknown key {key!r} in {where}") from None
+        except _Placeholder as exc:  # quotes a public key, which the operator needs to see
+            raise fail(lineno, str(exc), quotes_input=False) from None
         except ValueError as exc:  # keys.BadKey is a ValueError too
             raise fail(lineno, str(exc)) from None
 

@@ -143,6 +143,7 @@ class Driver:
         self.vnet_hdr = vnet_hdr  # the TUN fd was opened with IFF_VNET_HDR (see tcpgro.py)
         self._reply_from: dict = {}  # endpoint -> control message naming our source address
         self._seen_local: dict = {}  # endpoint -> raw pktinfo last seen, to rebuild on change
+        self._too_big: dict = {}  # endpoint -> smallest datagram size its path MTU refused
         self._buf = bytearray(MAX_PACKET)
         self._bufs = [self._buf]
         self._view = memoryview(self._buf)
@@ -378,9 +379,14 @@ class Driver:
 
     def _send_all(self, out: list) -> list:
         """Send datagrams in order. A run of equal-size datagrams to one endpoint (the last may
-        be shorter) goes out in one sendmsg with UDP GSO: the kernel cuts it into datagrams."""
+        be shorter) goes out in one sendmsg with UDP GSO: the kernel cuts it into datagrams.
+
+        The kernel refuses such a run (EMSGSIZE) when its datagrams exceed the path MTU it
+        learned from ICMP "fragmentation needed", but fragments a single datagram: datagrams of
+        that size or larger to that endpoint then go one by one."""
         sendto, sendmsg = self.sock.sendto, self.sock.sendmsg
         reply_from = self._reply_from
+        too_big = self._too_big
         gso = self.gso
         n = len(out)
         i = 0
@@ -388,7 +394,7 @@ class Driver:
             datagram, endpoint = out[i]
             size = len(datagram)
             j = i + 1
-            if gso:
+            if gso and (not too_big or size < too_big.get(endpoint, MAX_PACKET)):
                 total = size
                 while j < n and j - i < GSO_MAX_SEGMENTS:
                     d2, e2 = out[j]
@@ -412,6 +418,11 @@ class Driver:
             except BlockingIOError:
                 return out[i:]
             except OSError as exc:
+                if j - i > 1 and exc.errno == errno.EMSGSIZE:
+                    if len(too_big) >= MAX_STICKY:
+                        too_big.clear()
+                    too_big[endpoint] = size
+                    continue
                 if j - i > 1 and exc.errno in _NO_GSO_ERRNOS:
                     # This path cannot segment (old kernel, device without checksum offload).
                     self.gso = gso = False

@@ -207,10 +207,14 @@ def configure_link(ifname: str, addresses: list[Interface], mtu: int) -> None:
         ipr.link("set", index=index, state="up")
 
 
-def _route_spec(ipr: IPRoute, dst, ifname, table, via) -> dict:
+def _route_spec(ipr: IPRoute, dst, ifname, table, via, kind=None, metric=None) -> dict:
     dst = ipaddress.ip_network(dst)
     spec = {"family": _FAMILY[dst.version], "dst": str(dst.network_address),
             "dst_len": dst.prefixlen}
+    if kind is not None:
+        spec["type"] = kind
+    if metric is not None:
+        spec["priority"] = int(metric)
     if ifname is not None:
         spec["oif"] = _index(ipr, ifname)
     if table is not None:
@@ -220,31 +224,38 @@ def _route_spec(ipr: IPRoute, dst, ifname, table, via) -> dict:
     return spec
 
 
-def _route_text(dst, ifname, table, via) -> str:
+def _route_text(dst, ifname, table, via, kind=None, metric=None) -> str:
     return " ".join(
-        [str(dst)]
+        ([kind] if kind is not None else [])
+        + [str(dst)]
         + ([f"via {via}"] if via is not None else [])
         + ([f"dev {ifname}"] if ifname is not None else [])
         + ([f"table {table}"] if table is not None else [])
+        + ([f"metric {metric}"] if metric is not None else [])
     )
 
 
 def add_route(dst: Network, ifname: str | None = None, table: int | None = None,
-              via=None, *, replace: bool = False) -> None:
-    """`ip route add DST [via VIA] [dev IFNAME] [table TABLE]` (or `replace`)."""
+              via=None, *, replace: bool = False, kind: str | None = None,
+              metric: int | None = None) -> None:
+    """`ip route add [KIND] DST [via VIA] [dev IFNAME] [table TABLE] [metric M]` (or `replace`).
+
+    KIND is a route type such as "unreachable", which needs no device.
+    """
     verb = "replace" if replace else "add"
-    with _netlink(f"cannot {verb} route {_route_text(dst, ifname, table, via)}") as ipr:
-        ipr.route(verb, **_route_spec(ipr, dst, ifname, table, via))
+    with _netlink(f"cannot {verb} route "
+                  f"{_route_text(dst, ifname, table, via, kind, metric)}") as ipr:
+        ipr.route(verb, **_route_spec(ipr, dst, ifname, table, via, kind, metric))
 
 
 def del_route(dst: Network, ifname: str | None = None, table: int | None = None,
-              via=None) -> None:
+              via=None, *, kind: str | None = None, metric: int | None = None) -> None:
     """Delete a route; a route (or interface) that is already gone is not an error."""
     if ifname is not None and not link_exists(ifname):
         return
-    with _netlink(f"cannot delete route {_route_text(dst, ifname, table, via)}",
+    with _netlink(f"cannot delete route {_route_text(dst, ifname, table, via, kind, metric)}",
                   ignore=(errno.ESRCH, errno.ENOENT, errno.ENODEV)) as ipr:
-        ipr.route("del", **_route_spec(ipr, dst, ifname, table, via))
+        ipr.route("del", **_route_spec(ipr, dst, ifname, table, via, kind, metric))
 
 
 def _rule_spec(table, family, fwmark, invert, suppress_prefixlength, priority) -> dict:

@@ -37,6 +37,14 @@ def conf(endpoint="192.0.2.1:51820", allowed="10.77.0.0/24, 203.0.113.0/24", ext
             f"PersistentKeepalive = 25\n{peer_extra}")
 
 
+@pytest.fixture(autouse=True)
+def private_files():
+    """Config files written here are 0600, as add-peer writes them: no readability warning."""
+    old = os.umask(0o077)
+    yield
+    os.umask(old)
+
+
 @pytest.fixture
 def run_dir(tmp_path, monkeypatch):
     d = tmp_path / "run"
@@ -121,6 +129,8 @@ def test_bad_interface_option_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("text, expected", [
     (conf(extra="Colour = blue\n"), ":4: unknown key 'Colour' in [Interface]"),
     (conf(extra="just words\n"), ":4: expected `Key = value`, got 'just words'"),
+    (conf().replace(f"PrivateKey = {B(PRIV)}", f"PrivateKey {B(PRIV)}"),
+     ":2: unknown key 'PrivateKey <redacted>' in [Interface]"),
     (conf().replace(B(HUB), "c2hvcnQ="), ":6: PublicKey must be 44 characters of base64"),
     (conf().replace(B(PRIV), "<the private key that goes with xyz>"),
      ":2: PrivateKey is a placeholder"),
@@ -247,11 +257,15 @@ def test_the_address_prefix_route_is_not_added_twice():
     assert plan.routes == [Route(N("10.0.0.0/8"))]
 
 
-def test_full_tunnel_plan_is_wg_quicks():
+def test_full_tunnel_plan_is_wg_quicks_and_fails_closed():
     plan = routes.plan_routes([N("0.0.0.0/0"), N("::/0"), N("10.77.0.0/24")],
                               ["10.77.0.2/32", "fd77::2/128"])
+    # wg-quick's routes, each default followed by an unreachable one behind it, which stays
+    # when the TUN device (and the route through it) is gone.
     assert plan.routes == [Route(N("10.77.0.0/24")), Route(N("0.0.0.0/0"), 51820),
-                           Route(N("::/0"), 51820)]
+                           Route(N("0.0.0.0/0"), 51820, unreachable=True),
+                           Route(N("::/0"), 51820), Route(N("::/0"), 51820, unreachable=True)]
+    assert str(plan.routes[2]) == "unreachable 0.0.0.0/0 table 51820 metric 4294967295"
     assert plan.rules == [
         Rule(4, 51820, 32765, fwmark=51820, invert=True),
         Rule(4, MAIN_TABLE, 32764, suppress_prefixlength=0),
@@ -261,21 +275,44 @@ def test_full_tunnel_plan_is_wg_quicks():
     assert [str(r) for r in plan.rules[:2]] == [
         "-4 pref 32765 not fwmark 51820 table 51820",
         "-4 pref 32764 table main suppress_prefixlength 0"]
-    assert (plan.fwmark, plan.full_tunnel, plan.guard) == (51820, (4, 6), ("10.77.0.2",))
-    assert plan.src_valid_mark
+    assert (plan.fwmark, plan.full_tunnel, plan.guard) == (51820, (4, 6),
+                                                           ("10.77.0.2", "fd77::2"))
+    assert plan.src_valid_mark and plan.blocked == ()
 
 
 def test_full_tunnel_takes_a_free_table_or_the_configured_fwmark():
     plan = routes.plan_routes(["0.0.0.0/0"], used_tables={51820, 51821, 254},
-                              lowest_priority={4: 1000}, src_valid_mark="1")
-    assert plan.routes == [Route(N("0.0.0.0/0"), 51822)]
+                              lowest_priority={4: 1000}, src_valid_mark="1", ipv6=False)
+    assert plan.routes == [Route(N("0.0.0.0/0"), 51822),
+                           Route(N("0.0.0.0/0"), 51822, unreachable=True)]
     assert plan.rules == [Rule(4, 51822, 999, fwmark=51822, invert=True),
                           Rule(4, MAIN_TABLE, 998, suppress_prefixlength=0)]
     assert plan.fwmark == 51822 and not plan.src_valid_mark and plan.full_tunnel == (4,)
     plan = routes.plan_routes(["::/0"], fwmark=0x1234, used_tables={0x1234})
-    assert plan.routes == [Route(N("::/0"), 0x1234)] and plan.fwmark == 0x1234
+    assert plan.routes == [Route(N("::/0"), 0x1234), Route(N("::/0"), 0x1234, unreachable=True)]
+    assert plan.fwmark == 0x1234
     assert plan.rules[0] == Rule(6, 0x1234, 32765, fwmark=0x1234, invert=True)
     assert plan.guard == () and not plan.src_valid_mark  # IPv4 only
+
+
+def test_an_ipv4_only_full_tunnel_refuses_ipv6_rather_than_leak_it():
+    plan = routes.plan_routes(["0.0.0.0/0"], ["10.77.0.2/32"], lowest_priority={6: 1000})
+    assert plan.full_tunnel == (4,) and plan.blocked == (6,)
+    assert plan.routes == [Route(N("0.0.0.0/0"), 51820),
+                           Route(N("0.0.0.0/0"), 51820, unreachable=True),
+                           Route(N("::/0"), 51820, unreachable=True)]  # no IPv6 via the tunnel
+    assert plan.rules[2:] == [Rule(6, 51820, 999, fwmark=51820, invert=True),
+                              Rule(6, MAIN_TABLE, 998, suppress_prefixlength=0)]
+    assert "ip6" not in routes.nft_script(plan, "alice")
+    assert routes.plan_routes(["0.0.0.0/0"], ipv6=False).blocked == ()
+    assert routes.plan_routes(["0.0.0.0/0", "10.0.0.0/8"], table="off").blocked == ()
+
+
+def test_a_full_tunnel_without_dns_is_warned_about():
+    full = routes.plan_routes(["0.0.0.0/0", "::/0"], ["10.77.0.2/32"])
+    assert "full tunnel without DNS" in routes.dns_warning(full, [])
+    assert routes.dns_warning(full, [ipaddress.ip_address("10.77.0.1")]) is None
+    assert routes.dns_warning(routes.plan_routes(["10.77.0.0/24"]), []) is None
 
 
 def test_table_setting():
@@ -293,7 +330,12 @@ def test_table_setting():
 def test_plan_survives_the_state_file():
     plan = routes.plan_routes(["0.0.0.0/0", "::/0", "10.1.0.0/16"], ["10.77.0.2/32"])
     again = routes.Plan.from_json(json.loads(json.dumps(plan.to_json())))
-    assert again == plan
+    assert again == plan and any(r.unreachable for r in again.routes)
+    # A state file written before the unreachable routes existed still reads.
+    old = plan.to_json()
+    for r in old["routes"]:
+        del r["unreachable"]
+    assert routes.Plan.from_json(old).routes[1] == Route(N("0.0.0.0/0"), 51820)
 
 
 def test_reading_tables_and_priorities_from_dumps():
@@ -321,6 +363,14 @@ def test_nft_rules_for_a_full_tunnel():
         "add rule ip pytun-alice premangle meta l4proto udp meta mark set ct mark",
     ]
     assert routes.nft_script(routes.plan_routes(["10.0.0.0/8"]), "alice") == ""
+    # IPv6 tunnel addresses are guarded the same way.
+    plan = routes.plan_routes(["0.0.0.0/0", "::/0"], ["10.77.0.2/32", "fd77::2/128"])
+    guards = [line for line in routes.nft_script(plan, "alice").splitlines() if "drop" in line]
+    assert guards == [
+        'add rule ip pytun-alice preraw iifname != "alice" ip daddr 10.77.0.2 fib saddr type '
+        "!= local drop",
+        'add rule ip6 pytun-alice preraw iifname != "alice" ip6 daddr fd77::2 fib saddr type '
+        "!= local drop"]
 
 
 def test_hub_inside_allowed_ips_is_found():
@@ -517,7 +567,9 @@ def test_status_never_shows_a_private_key():
 
 def test_ipv6_networks_are_left_out_when_ipv6_is_off():
     plan = routes.plan_routes(["0.0.0.0/0", "::/0", "fd77::/64"], ["10.77.0.2/32"], ipv6=False)
-    assert plan.routes == [Route(N("0.0.0.0/0"), 51820)] and plan.full_tunnel == (4,)
+    assert plan.routes == [Route(N("0.0.0.0/0"), 51820),
+                           Route(N("0.0.0.0/0"), 51820, unreachable=True)]
+    assert plan.full_tunnel == (4,) and plan.blocked == ()
     assert [r.family for r in plan.rules] == [4, 4]
     assert plan.skipped == ("::/0", "fd77::/64")
 
@@ -544,3 +596,84 @@ def test_hooks_run_in_order_with_the_interface_name_and_report_failures(tmp_path
     monkeypatch.setattr(tunnel, "HOOK_TIMEOUT", 0.2)
     assert tunnel.run_hooks("PostUp", ["sleep 5"], "wg7") == [
         "PostUp command failed (still running after 0.2 s): sleep 5"]
+
+
+# ---------------------------------------------------------------------------------- file checks
+
+
+def fake_stat(mode: int, uid: int = 0, gid: int = 0):
+    return os.stat_result((mode, 0, 0, 1, uid, gid, 0, 0, 0, 0))
+
+
+def test_a_config_others_can_read_is_warned_about(tmp_path, capsys, run_dir):
+    path = tmp_path / "alice.conf"
+    path.write_text(conf())
+    os.chmod(path, 0o644)
+    cli.main(["up", str(path), "--interface", "bad name"])  # stops after reading the file
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == (f"pytun-client: warning: {path} is readable by group or others "
+                                   f"(mode 0644) and holds the private key; chmod 600 {path}")
+    os.chmod(path, 0o600)
+    cli.main(["up", str(path), "--interface", "bad name"])
+    assert "warning" not in capsys.readouterr().err
+    assert cli.file_warnings("x", fake_stat(0o100640)) and not cli.file_warnings("x", fake_stat(0o100600))
+
+
+def test_hooks_from_a_file_others_may_write_are_refused(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "alice.conf"
+    path.write_text(conf(extra="PostUp = touch /tmp/owned\n"))
+    os.chmod(path, 0o602)
+    monkeypatch.setattr(cli, "check_privileges", lambda: pytest.fail("got past the file check"))
+    assert cli.main(["up", str(path)]) == 1
+    assert one_error(capsys) == (f"{path}: refusing its PreUp/PostUp/PreDown/PostDown commands: "
+                                 f"the file is writable by others; they would run as this user "
+                                 f"(uid {os.geteuid()})")
+    os.chmod(path, 0o600)  # the same file without hooks would only be warned about
+    path.write_text(conf())
+    os.chmod(path, 0o602)
+    with pytest.raises(BaseException, match="got past the file check"):
+        cli.main(["up", str(path)])
+
+
+@pytest.mark.parametrize("mode, uid, gid, dir_mode, dir_uid, dir_gid, reason", [
+    (0o100600, 0, 0, 0o40700, 0, 0, None),
+    (0o100644, 0, 0, 0o40755, 0, 0, None),               # readable: a warning, not a refusal
+    (0o100600, 1000, 1000, 0o40755, 0, 0, None),         # the user running it owns it
+    (0o100600, 1001, 0, 0o40755, 0, 0, "owned by uid 1001"),
+    (0o100602, 0, 0, 0o40755, 0, 0, "writable by others"),
+    (0o100620, 0, 100, 0o40755, 0, 0, "writable by group 100"),
+    (0o100620, 0, 0, 0o40755, 0, 0, None),               # group root
+    (0o100600, 0, 0, 0o40777, 0, 0, "in a directory others may write to"),
+    (0o100600, 0, 0, 0o41777, 0, 0, None),               # sticky, like /tmp
+    (0o100600, 0, 0, 0o40775, 0, 100, "in a directory others may write to"),
+    (0o100600, 0, 0, 0o40700, 1001, 0, "in a directory owned by uid 1001"),
+])
+def test_who_may_have_written_the_hooks(mode, uid, gid, dir_mode, dir_uid, dir_gid, reason):
+    assert cli.hook_refusal(fake_stat(mode, uid, gid), fake_stat(dir_mode, dir_uid, dir_gid),
+                            euid=1000) == reason
+
+
+def test_down_after_a_failure_under_systemd_keeps_a_full_tunnel_closed(run_dir, capsys,
+                                                                        monkeypatch):
+    run_dir.mkdir()
+    undone = []
+    monkeypatch.setattr(tunnel, "undo_recorded", lambda state: undone.append(state) or [])
+    plan = routes.plan_routes(["0.0.0.0/0", "::/0"], ["10.77.0.2/32"]).to_json()
+    state = {"version": 1, "pid": dead_pid(), "start_time": "1", "interface": "alice",
+             "config": "/etc/pytun/alice.conf", "link": True, "plan": plan, "dns": None}
+    tunnel.write_state(str(run_dir / "alice.json"), state)
+    # ExecStopPost= after a kill -9 (systemd's SERVICE_RESULT=signal): nothing is undone.
+    monkeypatch.setenv("SERVICE_RESULT", "signal")
+    assert cli.main(["down", "alice"]) == 0
+    assert capsys.readouterr().err == (
+        "pytun-client: warning: alice stopped with signal: its full tunnel stays closed (traffic "
+        "for the internet is refused) until it starts again or `pytun-client down alice` from a "
+        "shell\n")
+    assert undone == [] and os.listdir(run_dir) == ["alice.json"]
+    # A split tunnel has nothing to keep closed; a `down` from a shell undoes everything.
+    assert cli.kept_after_failure({**state, "plan": routes.plan_routes(["10.0.0.0/8"]).to_json()}
+                                  ) is None
+    monkeypatch.delenv("SERVICE_RESULT")
+    assert cli.main(["down", "alice"]) == 0
+    assert len(undone) == 1 and os.listdir(run_dir) == []
+    assert cli.kept_after_failure(state, {"SERVICE_RESULT": "success"}) is None

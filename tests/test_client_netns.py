@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -36,6 +37,7 @@ HUB_INNER = "10.77.0.1"
 INET = "203.0.113.2"
 HUB_INET = "203.0.113.1"
 OFFICE = "203.0.113.130"
+HUB6 = "2001:db8:3::2"  # the hub's underlay IPv6 address, with a narrow hop only
 LAPTOP = "198.51.100.2"
 
 UDP_PROBE = r"""
@@ -54,16 +56,40 @@ FAKE_RESOLVCONF = """#!/bin/sh
 class Net:
     """The namespaces above, a hub state directory and a running hub."""
 
-    def __init__(self, topo, tmp_path):
+    def __init__(self, topo, tmp_path, hop_mtu: int | None = None):
         self.topo, self.tmp = topo, tmp_path
         self.lap, self.isp, self.hub = topo.netns("lap"), topo.netns("isp"), topo.netns("hub")
         self.inet, self.office = topo.netns("inet"), topo.netns("off")
-        self.lap_dev, _ = topo.veth(self.lap, f"{LAPTOP}/25", self.isp, "198.51.100.1/25")
-        topo.veth(self.isp, "198.51.100.129/25", self.hub, f"{HUB}/25")
+        self.lap_dev, self.isp_lap_dev = topo.veth(self.lap, f"{LAPTOP}/25", self.isp, "198.51.100.1/25")
+        self.isp.run("sysctl -qw net.ipv4.ip_forward=1")
+        if hop_mtu is None:
+            topo.veth(self.isp, "198.51.100.129/25", self.hub, f"{HUB}/25")
+            self.isp.run(f"ip route add 203.0.113.0/24 via {HUB}")
+        else:
+            # isp --(hop_mtu)-- mid --- hub: a narrow hop that neither end is attached to,
+            # so only ICMP "fragmentation needed" tells them about it.
+            self.mid = topo.netns("mid")
+            topo.veth(self.isp, "192.0.2.1/30", self.mid, "192.0.2.2/30", mtu=hop_mtu)
+            topo.veth(self.mid, "198.51.100.129/25", self.hub, f"{HUB}/25")
+            self.mid.run("sysctl -qw net.ipv4.ip_forward=1")
+            for net in ("198.51.100.128/25", "203.0.113.0/24"):
+                self.isp.run(f"ip route add {net} via 192.0.2.2")
+            self.mid.run("ip route add 198.51.100.0/25 via 192.0.2.1")
+            self.mid.run(f"ip route add 203.0.113.0/24 via {HUB}")
+            # The same path over IPv6: lap 2001:db8:1::/64 isp 2001:db8:2::/64 mid 2001:db8:3::/64
+            for ns, dev, addr in ((self.isp, self.isp_lap_dev, "2001:db8:1::1/64"),
+                                  (self.lap, self.lap_dev, "2001:db8:1::2/64")):
+                ns.run("ip", "addr", "add", addr, "dev", dev, "nodad")
+            topo.veth(self.isp, "2001:db8:2::1/64", self.mid, "2001:db8:2::2/64", mtu=hop_mtu)
+            topo.veth(self.mid, "2001:db8:3::1/64", self.hub, f"{HUB6}/64")
+            for ns in (self.isp, self.mid):
+                ns.run("sysctl -qw net.ipv6.conf.all.forwarding=1")
+            self.lap.run("ip -6 route add default via 2001:db8:1::1")
+            self.isp.run("ip -6 route add 2001:db8:3::/64 via 2001:db8:2::2")
+            self.mid.run("ip -6 route add 2001:db8:1::/64 via 2001:db8:2::1")
+            self.hub.run("ip -6 route add 2001:db8:1::/64 via 2001:db8:3::1")
         topo.veth(self.hub, f"{HUB_INET}/25", self.inet, f"{INET}/25")
         topo.veth(self.hub, "203.0.113.129/25", self.office, f"{OFFICE}/25")
-        self.isp.run("sysctl -qw net.ipv4.ip_forward=1")
-        self.isp.run(f"ip route add 203.0.113.0/24 via {HUB}")
         self.lap.run("ip route add default via 198.51.100.1")
         self.hub.run(f"ip route add default via {INET}")
         self.hub.run("ip route add 198.51.100.0/25 via 198.51.100.129")
@@ -143,14 +169,17 @@ class Client:
         self.log = net.tmp / f"client-{self.ifname}.log"
         self.proc: subprocess.Popen | None = None
 
+    def command(self, *args) -> list[str]:
+        return [PY, "-m", "pytun.client.main", *args]
+
     def cli(self, *args, check: bool = True) -> subprocess.CompletedProcess:
-        return self.ns.run([PY, "-m", "pytun.client.main", *args], env=self.env, check=check)
+        return self.ns.run(self.command(*args), env=self.env, check=check)
 
     def up(self) -> None:
         """Start the client; return after its first handshake (it logs one line for it)."""
         start = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "a") as log:
-            self.proc = self.ns.popen([PY, "-m", "pytun.client.main", "up", self.config],
+            self.proc = self.ns.popen(self.command("up", self.config),
                                       stdout=log, stderr=subprocess.STDOUT, env=self.env)
 
         def handshake() -> bool:
@@ -193,14 +222,24 @@ def routing(ns) -> dict:
     }
 
 
-@pytest.fixture
-def net(topology, tmp_path):
+def _net(topology, tmp_path, **kw):
     require_tools("ping", "nft", "iptables-legacy-save")
-    n = Net(topology, tmp_path)
+    n = Net(topology, tmp_path, **kw)
     yield n
     if n.hub_proc is not None and n.hub_proc.poll() is None:
         n.hub_proc.terminate()
         n.hub_proc.wait(10)
+
+
+@pytest.fixture
+def net(topology, tmp_path):
+    yield from _net(topology, tmp_path)
+
+
+@pytest.fixture
+def narrow_net(topology, tmp_path):
+    """The same, with a 1300-byte hop between the laptop and the hub."""
+    yield from _net(topology, tmp_path, hop_mtu=1300)
 
 
 def test_split_tunnel_routes_dns_and_a_clean_down(net):
@@ -432,6 +471,7 @@ def test_unresolvable_hub_is_retried_in_the_foreground_until_down(topology, tmp_
     path.write_text(f"[Interface]\nPrivateKey = {keys.encode_key(keys.generate_private())}\n"
                     f"Address = 10.77.0.2/32\n\n[Peer]\nPublicKey = {hub_key}\n"
                     "Endpoint = hub.invalid:51820\nAllowedIPs = 10.77.0.0/24\n")
+    path.chmod(0o600)  # as add-peer writes it: no warning about others reading it
     env = {**os.environ, "PYTUN_RUN_DIR": str(tmp_path / "run")}
     log = tmp_path / "client.log"
     with open(log, "w") as out:
@@ -451,3 +491,306 @@ def test_unresolvable_hub_is_retried_in_the_foreground_until_down(topology, tmp_
     assert proc.wait(10) == 0
     assert ifname not in ns.run("ip -o link").stdout
     assert os.listdir(tmp_path / "run") == []
+
+
+# A datagram to an "internet" address: "sent" when the kernel routed it out somewhere, else the
+# errno's name (EHOSTUNREACH from an unreachable route).
+UDP_SEND = r"""
+import errno, socket, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    s.sendto(b"leak?", (sys.argv[1], 9))
+    print("sent")
+except OSError as exc:
+    print(errno.errorcode[exc.errno])
+"""
+INET6 = "2001:db8:ff::2"  # beyond the laptop's IPv6 default route; nothing answers there
+LAN6, LAPTOP6 = "2001:db8:1::1", "2001:db8:1::2"
+
+
+def leak_counters(ns, dev: str) -> tuple[int, int]:
+    """Packets for INET and INET6 that left on the underlay `dev` in clear (nft counters)."""
+    out = ns.run("nft", "-j", "list", "table", "inet", "leakcount").stdout
+    found = {}
+    for item in json.loads(out)["nftables"]:
+        rule = item.get("rule")
+        if rule:
+            found[rule["comment"]] = next(e["counter"]["packets"] for e in rule["expr"]
+                                          if "counter" in e)
+    return found["v4"], found["v6"]
+
+
+@pytest.mark.parametrize("allowed", ["0.0.0.0/0, ::/0", "0.0.0.0/0"], ids=["dual", "ipv4-only"])
+def test_a_killed_full_tunnel_fails_closed_until_down(net, allowed):
+    """kill -9: the TUN device and its routes go, the unreachable defaults in the tunnel's table
+    stay, and nothing for the internet leaves on the underlay in clear, IPv4 or IPv6, until
+    `down`; the LAN stays reachable. With 0.0.0.0/0 alone, IPv6 is refused even while up."""
+    lap = net.lap
+    net.isp.run("ip", "addr", "add", f"{LAN6}/64", "dev", net.isp_lap_dev, "nodad")
+    lap.run("ip", "addr", "add", f"{LAPTOP6}/64", "dev", net.lap_dev, "nodad")
+    lap.run("ip", "-6", "route", "add", "default", "via", LAN6)
+    before = routing(lap)
+    lap.run("nft", "-f", "-", input=(
+        "add table inet leakcount\n"
+        "add chain inet leakcount out { type filter hook postrouting priority 0; }\n"
+        f'add rule inet leakcount out oifname "{net.lap_dev}" ip daddr {INET} counter '
+        'comment "v4"\n'
+        f'add rule inet leakcount out oifname "{net.lap_dev}" ip6 daddr {INET6} counter '
+        'comment "v6"\n'))
+    send = lambda dst: lap.run([PY, "-c", UDP_SEND, dst]).stdout.strip()  # noqa: E731
+
+    # Without a tunnel both go out in clear, and the counters see them.
+    assert (send(INET), send(INET6)) == ("sent", "sent")
+    assert leak_counters(lap, net.lap_dev) == (1, 1)
+
+    path = net.add_peer("kate", "--full-tunnel")
+    text = open(path).read()
+    assert "AllowedIPs = 0.0.0.0/0, ::/0" in text
+    if allowed != "0.0.0.0/0, ::/0":
+        text = text.replace("AllowedIPs = 0.0.0.0/0, ::/0", f"AllowedIPs = {allowed}")
+        text = "".join(line + "\n" for line in text.splitlines() if not line.startswith("DNS"))
+        open(path, "w").write(text)
+    client = Client(net, path)
+    client.up()
+    assert net.source_seen_by_inet() == HUB_INET
+    assert send(INET) == "sent"  # into the tunnel, not onto the underlay
+    assert send(INET6) == ("sent" if "::/0" in allowed else "EHOSTUNREACH")  # refused
+    assert leak_counters(lap, net.lap_dev) == (1, 1)
+    log = client.log.read_text()
+    if "::/0" in allowed:
+        assert "warning" not in log, log
+    else:
+        assert "IPv6 beyond the local network is refused" in log
+        assert "full tunnel without DNS in the config" in log
+
+    client.kill()
+    wait_until(lambda: client.ifname not in lap.run("ip -o link").stdout,
+               what="the TUN device to go with the killed client")
+    for dst in (INET, INET6):
+        lookup = lap.run("ip", "route", "get", dst, check=False)
+        assert lookup.returncode != 0 and lookup.stdout == "", lookup.stdout
+        assert lookup.stderr.strip() == "RTNETLINK answers: No route to host", lookup.stderr
+        assert send(dst) == "EHOSTUNREACH"  # what an unreachable route answers
+        assert not ping(lap, dst, timeout=1)
+    assert leak_counters(lap, net.lap_dev) == (1, 1)  # nothing left in clear
+    assert ping(lap, "198.51.100.1") and ping(lap, LAN6)  # the local network still works
+    table = lap.run("ip", "-4", "route", "show", "table", "51820").stdout
+    assert table.split() == ["unreachable", "default", "proto", "static", "metric",
+                             "4294967295"], table
+
+    client.proc = None
+    client.down()
+    assert (send(INET), send(INET6)) == ("sent", "sent")  # normal routing is back
+    assert leak_counters(lap, net.lap_dev) == (2, 2)
+    assert net.source_seen_by_inet() == LAPTOP
+    lap.run("nft", "delete", "table", "inet", "leakcount")
+    assert routing(lap) == before
+
+
+def test_the_client_works_inside_its_units_sandbox(net):
+    """pytun-client@.service's sandbox, emulated: CAP_NET_ADMIN only, a read-only system,
+    src_valid_mark the one writable sysctl, the unit's system call filter. A full tunnel comes
+    up, its hooks cannot write to the system, and after a kill -9 `down` (ExecStopPost=, in the
+    same sandbox) keeps it closed until the unit restarts it."""
+    require_tools("unshare", "setpriv")
+    from tests import sandbox
+    from tests.test_deploy import CLIENT_UNIT, parse_unit, values, words
+
+    unit = parse_unit(CLIENT_UNIT)
+    caps = sandbox.unit_caps(words(unit, "Service", "CapabilityBoundingSet"))
+    rw = sorted(p.lstrip("-") for p in words(unit, "Service", "ReadWritePaths"))
+    syscalls = sandbox.syscall_filter(values(unit, "Service", "SystemCallFilter"))
+    assert value_of(unit, "ProtectSystem") == "strict"
+    assert value_of(unit, "RestrictSUIDSGID") == "yes" and value_of(unit, "LimitCORE") == "0"
+
+    class SandboxedClient(Client):
+        def command(self, *args) -> list[str]:
+            return sandbox.command(net.tmp, caps, rw, None,
+                                   [PY, "-m", "pytun.client.main", *args], syscalls=syscalls)
+
+    before = routing(net.lap)
+    path = net.add_peer("lena", "--full-tunnel")
+    hook_log = net.tmp / "hook.log"
+    add_hooks(path, {"PostUp": f"touch /etc/pytun-sandbox-%i 2>> {hook_log}; true"})
+    client = SandboxedClient(net, path)
+    client.env = sandbox.sandbox_env(**{k: v for k, v in client.env.items()
+                                        if k in ("PYTUN_RUN_DIR", "PATH", "RESOLVCONF_LOG")})
+    client.up()
+    status = open(f"/proc/{client.proc.pid}/status").read()
+    assert "CapEff:\t0000000000001000" in status, status  # CAP_NET_ADMIN only
+    assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status
+    assert net.source_seen_by_inet() == HUB_INET
+    assert net.lap.sysctl("net.ipv4.conf.all.src_valid_mark") == "1"
+    assert "Read-only file system" in hook_log.read_text()
+    assert not os.path.exists(f"/etc/pytun-sandbox-{client.ifname}")
+    assert client.status()["full_tunnel"] == 1
+
+    client.kill()
+    wait_until(lambda: client.ifname not in net.lap.run("ip -o link").stdout,
+               what="the TUN device to go with the killed client")
+    assert net.lap.run("ip", "route", "get", INET, check=False).returncode != 0  # fails closed
+    # ExecStopPost=-pytun-client down %i, as systemd runs it after that kill: the tunnel stays
+    # closed until Restart= brings it back (or a `down` from a shell).
+    kept = net.lap.run(client.command("down", client.ifname),
+                       env={**client.env, "SERVICE_RESULT": "signal"})
+    assert "stays closed" in kept.stderr
+    assert net.lap.run("ip", "route", "get", INET, check=False).returncode != 0
+    client.up()  # Restart=on-failure: the leftovers go, the tunnel is back
+    assert "did not stop cleanly" in client.log.read_text()
+    assert net.source_seen_by_inet() == HUB_INET
+    client.down()
+    assert routing(net.lap) == before
+
+
+def value_of(unit: dict, key: str) -> str | None:
+    found = [v for k, v in unit["Service"] if k == key]
+    return found[-1] if found else None
+
+
+def ping_text(ns, dst: str, size: int) -> str:
+    """One don't-fragment echo request of `size` bytes in all (IPv4); ping's output."""
+    done = ns.run("ping", "-n", "-c", "1", "-W", "2", "-M", "do", "-s", size - 28, dst,
+                  check=False, timeout=10)
+    return done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("underlay", ["ipv4", "ipv6"])
+def test_path_mtu_through_a_1300_byte_hop(narrow_net, underlay):
+    """A 1300-byte hop between laptop and hub, tunnel MTU 1420, the tunnel over IPv4 or IPv6:
+    DF packets of MTU-1 and MTU pass both ways (the encrypted datagrams are fragmented for the
+    hop), MTU+1 is refused with "fragmentation needed" naming the tunnel MTU, and TCP
+    completes both ways."""
+    net, mtu = narrow_net, 1420
+    # The underlay: 1300 bytes fit, 1301 get "fragmentation needed" / "packet too big" from the
+    # hop's router.
+    if underlay == "ipv4":
+        hub, header, icmp_counter = HUB, 28, "IcmpOutDestUnreachs"
+        assert "Frag needed and DF set (mtu = 1300)" in ping_text(net.lap, HUB, 1301)
+    else:
+        hub, header, icmp_counter = HUB6, 48, "Icmp6OutPktTooBigs"
+        done = net.lap.run("ping", "-n", "-c", "1", "-W", "2", "-M", "do", "-s", 1301 - 48,
+                           HUB6, check=False, timeout=10)
+        assert "From 2001:db8:1::1 icmp_seq=1 Packet too big: mtu=1300" in done.stdout
+    assert ping(net.lap, hub, size=1300 - header, dont_fragment=True)
+
+    path = net.add_peer("nina", "--full-tunnel")
+    text = open(path).read()
+    open(path, "w").write(text.replace(f"Endpoint = {HUB}:", f"Endpoint = [{hub}]:")
+                          if underlay == "ipv6" else text)
+    inner = str(wgconfig.load(path).interface.addresses[0].ip)
+    client = Client(net, path)
+    client.up()
+    assert client.status()["endpoint"].startswith("[2001:db8:3::2]" if underlay == "ipv6"
+                                                   else HUB)
+    # The first datagram too big for the hop, each way, carries DF (the UDP socket's default,
+    # IP_PMTUDISC_WANT; IPv6 routers never fragment): the hop's router drops it and answers
+    # with ICMP, after which the sending kernel fragments the datagrams for the hop. So at
+    # most one echo is lost each way, once; never more.
+    done = net.lap.run("ping", "-n", "-q", "-c", "5", "-i", "0.1", "-W", "2", "-M", "do", "-s",
+                       mtu - 1 - 28, HUB_INNER, check=False, timeout=20)
+    assert int(re.search(r"(\d+) received", done.stdout)[1]) >= 3, done.stdout
+    icmp = [int(ns.run("nstat", "-az", icmp_counter).stdout.split()[-2])
+            for ns in (net.isp, net.mid)]
+    assert all(n <= 1 for n in icmp), icmp  # measured: [1, 1], one echo of five lost
+    for size in (mtu - 1, mtu):  # laptop -> hub and inet -> laptop, every packet answered
+        assert ping(net.lap, HUB_INNER, count=5, size=size - 28, dont_fragment=True), size
+        assert ping(net.inet, inner, count=5, size=size - 28, dont_fragment=True), size
+    # MTU+1: the laptop's kernel refuses its own; a forwarded one gets ICMP from the hub.
+    assert "message too long, mtu=1420" in ping_text(net.lap, HUB_INNER, mtu + 1)
+    assert (f"From {HUB_INET} icmp_seq=1 Frag needed and DF set (mtu = {mtu})"
+            in ping_text(net.inet, inner, mtu + 1))
+
+    # TCP, full-size segments both ways (8 MiB each, bounded in time): every byte arrives.
+    hub_drops = lambda: net.hub.run([PY, "-c", STATS, net.state + "/control.sock"]).stdout  # noqa: E731
+    for direction in ("to-hub", "from-hub"):
+        sent, received = tcp_transfer(net, 8 << 20, to_hub=direction == "to-hub")
+        assert received == sent, direction
+    assert "udp_send_error" not in hub_drops()
+    # The datagrams were cut for the hop somewhere on the path (by a sender or a router).
+    counter = "IpFragCreates" if underlay == "ipv4" else "Ip6FragCreates"
+    made = [int(ns.run("nstat", "-az", counter).stdout.split()[-2])
+            for ns in (net.lap, net.isp, net.mid, net.hub)]
+    assert sum(made) > 1000, made
+    client.down()
+
+
+TCP_END = r"""
+import hashlib, socket, sys
+role, mode, host, port, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+if role == "server":
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(1)
+    print("listening", flush=True)
+    listener.settimeout(30)
+    conn, _ = listener.accept()
+else:
+    conn = socket.create_connection((host, port), timeout=30)
+conn.settimeout(30)
+if mode == "send":
+    data = bytes(range(256)) * (size // 256)
+    conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
+    conn.recv(1)
+    print(len(data), hashlib.sha256(data).hexdigest())
+else:
+    digest, total = hashlib.sha256(), 0
+    while chunk := conn.recv(65536):
+        digest.update(chunk)
+        total += len(chunk)
+    print(total, digest.hexdigest())
+conn.close()
+"""
+
+STATS = """
+import sys
+from pytun.server import control
+print(control.request(sys.argv[1], [("stats", "1")]))
+"""
+
+
+def tcp_transfer(net, size: int, *, to_hub: bool, port: int = 5213) -> tuple[str, str]:
+    """`size` bytes over TCP between the laptop and the hub's inner address; (what the sender
+    says it sent, what the receiver got): byte count and SHA-256."""
+    server = net.hub.popen([PY, "-u", "-c", TCP_END, "server", "recv" if to_hub else "send",
+                            HUB_INNER, str(port), str(size)], stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "listening"
+    client = net.lap.run([PY, "-c", TCP_END, "client", "send" if to_hub else "recv", HUB_INNER,
+                          str(port), str(size)], timeout=40).stdout.strip()
+    out, _ = server.communicate(timeout=40)
+    return (client, out.strip()) if to_hub else (out.strip(), client)
+
+
+def echo_requests_seen(ns) -> tuple[int, int]:
+    """ICMP and ICMPv6 echo requests this namespace's stack received (absolute counters)."""
+    out = ns.run("nstat", "-asz", "IcmpInEchos", "Icmp6InEchos").stdout.split()
+    return int(out[out.index("IcmpInEchos") + 1]), int(out[out.index("Icmp6InEchos") + 1])
+
+
+def test_the_tunnel_addresses_are_guarded_from_the_underlay(net):
+    """wg-quick's raw-table guard, for IPv4 and IPv6 tunnel addresses: a packet for them that
+    arrives on another interface (here from the laptop's LAN router) is dropped before the
+    stack sees it; the laptop's own underlay address still answers."""
+    isp, lap = net.isp, net.lap
+    isp.run("ip", "addr", "add", f"{LAN6}/64", "dev", net.isp_lap_dev, "nodad")
+    lap.run("ip", "addr", "add", f"{LAPTOP6}/64", "dev", net.lap_dev, "nodad")
+    path = net.add_peer("lisa", "--full-tunnel")
+    add_lines = open(path).read().replace("[Interface]\n", "[Interface]\nAddress = fd77::2/128\n")
+    open(path, "w").write(add_lines)
+    client = Client(net, path)
+    client.up()
+    inner = next(str(a.ip) for a in wgconfig.load(path).interface.addresses if a.version == 4)
+    guards = lap.run("nft", "list", "ruleset").stdout
+    for address in (inner, "fd77::2"):
+        assert f"daddr {address} fib saddr type != local drop" in guards, guards
+    isp.run("ip", "route", "add", inner, "via", LAPTOP)
+    isp.run("ip", "-6", "route", "add", "fd77::2", "via", LAPTOP6)
+
+    seen = echo_requests_seen(lap)
+    assert ping(isp, LAPTOP) and ping(isp, LAPTOP6)  # the underlay answers: counters count
+    assert echo_requests_seen(lap) == (seen[0] + 1, seen[1] + 1)
+    seen = echo_requests_seen(lap)
+    assert not ping(isp, inner, timeout=1) and not ping(isp, "fd77::2", timeout=1)
+    assert echo_requests_seen(lap) == seen  # dropped before the stack saw them
+    client.down()

@@ -204,3 +204,36 @@ def test_stock_wg_setconf_accepts_strip(tmp_path, topology):
     ns.run("wg", "setconf", name, str(p))
     dump = ns.run("wg", "show", name, "dump").stdout
     assert B(HUB) in dump and "192.0.2.7:51820" in dump and "192.168.10.0/24" in dump
+
+
+@pytest.mark.parametrize("line", [
+    f"PrivateKey {B(PRIV)}",            # the `=` forgotten
+    f"PrivateKey: {B(PRIV)}",
+    f"{B(PRIV)}",                      # the key alone: its own `=` makes it `Key = value`
+    f"PrivateKey {B(PRIV)[:30]}",       # a piece of one
+    f"Table = {B(PRIV)}",               # pasted into the wrong line
+    f"Address = {B(PRIV)}",
+    f"PrivateKey = {B(PRIV)}x",         # one character too many
+    f"PrivateKey {B(PRIV).replace('+', '-').replace('/', '_')}",  # base64url
+])
+def test_a_mistyped_line_never_shows_the_key(line):
+    with pytest.raises(ConfigError) as info:
+        config.parse(f"[Interface]\n{line}\n", "laptop.conf")
+    msg = str(info.value)
+    assert msg.startswith("laptop.conf:2: "), msg
+    for start in range(0, 44 - 12):
+        assert B(PRIV)[start:start + 12] not in msg.replace("-", "+").replace("_", "/"), msg
+    assert "<redacted>" in msg or "must be 44 characters" in msg, msg
+
+
+def test_redaction_keeps_what_the_operator_needs():
+    assert config.redact("expected `Key = value`, got 'PrivateKey yAnz5TF+lXXJte14tji3zlMNq+h'") \
+        == "expected `Key = value`, got 'PrivateKey <redacted>'"
+    for text in ("endpoint 'vpn.example.com:51820'", "Address '10.77.0.300/32'",
+                 "AllowedIPs 'fd77:1234:5678::/64'", "unknown key 'PersistentKeepalives'",
+                 "DNS 'corp-internal-resolvers.example'"):
+        assert config.redact(text) == text
+    # The placeholder names the public key the laptop's own private key must match.
+    text = config.render(config.WgConfig(config.InterfaceConfig(), []), placeholder_public_key=PUB)
+    with pytest.raises(ConfigError, match=B(PUB).replace("+", r"\+")):
+        config.parse(text)
