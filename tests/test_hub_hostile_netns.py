@@ -163,6 +163,8 @@ def test_an_endpoint_storm_leaves_the_hub_responsive_and_bounded(topology, tmp_p
                what="the hub to see the last source port")
     wait_until(lambda: hub.admin("list-peers", "--json").stdout and _stored_endpoint(hub) == last,
                timeout=5, what="the registry to hold the last endpoint")
+    # The moves not logged one by one are summed up once their 10 s window closes.
+    wait_until(lambda: "more moves" in hub.log(), timeout=15, what="the summary of the moves")
     rss_after, hwm = rss_kib(pid)
     lines = hub.log().splitlines()[log_before:]
     storm_lines = [line for line in lines if "storm" in line]
