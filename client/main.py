@@ -69,7 +69,7 @@ def read_config(path: str) -> tuple[str, os.stat_result, os.stat_result | None]:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
-        raise config.ConfigError(f"{path}:0: cannot read: {exc.strerror}") from None
+        raise config.ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         try:
@@ -77,7 +77,7 @@ def read_config(path: str) -> tuple[str, os.stat_result, os.stat_result | None]:
         except UnicodeDecodeError:
             raise config.ConfigError(f"{path}:1: not a text file") from None
         except OSError as exc:
-            raise config.ConfigError(f"{path}:0: cannot read: {exc.strerror}") from None
+            raise config.ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     try:
         dir_st = os.stat(os.path.dirname(os.path.abspath(path)))
     except OSError:

@@ -299,7 +299,7 @@ def read_text(path: str) -> str:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}:1: not a text file") from None
     except OSError as exc:
-        raise ConfigError(f"{path}:0: cannot read: {exc.strerror}") from None
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 
 
 def load(path: str, *, require_private_key: bool = True) -> WgConfig:

@@ -245,8 +245,13 @@ def cmd_add_peer(args) -> int:
             print(f"peer {peer.name} added at {peer.address.ip}; config written to {args.output}")
         elif not qr:
             sys.stdout.write(text)
+            print(f"peer {peer.name} added at {peer.address.ip}; its config is on stdout",
+                  file=sys.stderr)
         if qr:
             sys.stdout.write(qr)
+            print(f"peer {peer.name} added at {peer.address.ip}; scan the QR code with the"
+                  f" WireGuard app (pytun-admin rotate-key {peer.name} if the scan fails)",
+                  file=sys.stderr)
     _sync(args)
     return 0
 
@@ -683,10 +688,13 @@ def build_parser() -> argparse.ArgumentParser:
                          " stack: 10.77.0.0/24,fd77::/64")
     sp.add_argument("--endpoint", required=True, metavar="HOST[:PORT]",
                     help="address laptops dial (port defaults to --listen-port)")
-    sp.add_argument("--listen-port", type=int, default=51820, metavar="PORT")
-    sp.add_argument("--interface", default="pytun0", metavar="NAME")
-    sp.add_argument("--mtu", type=int, default=1420)
-    sp.add_argument("--egress", metavar="IFACE", help="interface to masquerade full-tunnel traffic out of")
+    sp.add_argument("--listen-port", type=int, default=51820, metavar="PORT",
+                    help="UDP port of the hub (default 51820)")
+    sp.add_argument("--interface", default="pytun0", metavar="NAME",
+                    help="the hub's TUN device (default pytun0)")
+    sp.add_argument("--mtu", type=int, default=1420, help="tunnel MTU (default 1420)")
+    sp.add_argument("--egress", metavar="IFACE",
+                    help="interface to masquerade laptops out of (default: the default route's)")
     sp.add_argument("--dns", action="append", metavar="ADDR,...", help="DNS servers for laptops")
     sp.add_argument("--route", action="append", metavar="CIDR,...",
                     help="networks behind the hub that laptops should reach")

@@ -177,11 +177,15 @@ class Hub:
             if stored is None:
                 stored = self._load_timestamps()
             try:
-                self._add(record, stored)
+                engine_peer = self._add(record, stored)
             except (ValueError, keys.BadKey) as exc:
                 log.error("peer %s not loaded: %s", name, exc)
                 continue
             added.append(name)
+            if self.driver is not None:  # a live change: added, enabled, renewed, new key
+                log.info("peer %s added (%s)", name, ", ".join(map(str, record.addresses)))
+                # A laptop seen lately is called at once, not left to its own next retry.
+                self._call_back(engine_peer, self.driver.now(), time.time())
         return added, removed
 
     def _add(self, record, stored: dict[str, bytes]) -> None:
@@ -203,14 +207,17 @@ class Hub:
         engine_peer.greatest_timestamp = max(stored.get(record.public_key, b""),
                                              self._pending_ts.get(record.public_key, b""))
         self.peers[record.name] = (_peer_spec(record), engine_peer)
-        log.info("peer %s added (%s)", record.name, ", ".join(map(str, record.addresses)))
+        return engine_peer
+
+    def _call_back(self, engine_peer, now: float, wall: float) -> None:
+        seen = engine_peer.last_handshake_wall
+        if engine_peer.endpoint is not None and seen and wall - seen < REDIAL_WITHIN:
+            self.device.initiate(engine_peer, now)
 
     def _redial(self, now: float, wall: float) -> None:
         """Start handshakes to laptops that were connected before a restart."""
         for _, engine_peer in self.peers.values():
-            seen = engine_peer.last_handshake_wall
-            if engine_peer.endpoint is not None and seen and wall - seen < REDIAL_WITHIN:
-                self.device.initiate(engine_peer, now)
+            self._call_back(engine_peer, now, wall)
 
     # -- events and control ---------------------------------------------------------------------
 

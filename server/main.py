@@ -60,22 +60,23 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cleanup(state_dir)
         except (nat.NatError, linux.LinuxError, OSError) as exc:
-            print(f"pytun-server: cleanup failed: {exc}", file=sys.stderr)
+            print(f"pytun-server: error: cleanup failed: {exc}", file=sys.stderr)
             return 1
+        log.info("cleaned up what a hub with state in %s may have left", state_dir)
         return 0
     try:
         settings = state.load_settings(state_dir)
         private_key = state.load_private_key(state_dir)
         registry = SqliteRegistry(state.registry_path(state_dir), create=False)
     except (state.StateError, RegistryError) as exc:
-        print(f"pytun-server: {exc}", file=sys.stderr)
+        print(f"pytun-server: error: {exc}", file=sys.stderr)
         return 1
     try:
         with cli.unwrapped():  # an error in one of the hub's tasks comes in a group of one
             trio.run(Hub(state_dir, settings, private_key, registry).run,
                      strict_exception_groups=True)
     except StartupError as exc:
-        print(f"pytun-server: cannot start: {exc}", file=sys.stderr)
+        print(f"pytun-server: error: cannot start: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"pytun-server: error: {cli.describe_os_error(exc)}", file=sys.stderr)

@@ -40,6 +40,14 @@ class StateError(ValueError):
     """The state directory is missing, incomplete or invalid; the message says which."""
 
 
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def resolve_state_dir(arg: str | None) -> str:
     return arg or os.environ.get("PYTUN_STATE_DIR") or DEFAULT_STATE_DIR
 
@@ -96,6 +104,8 @@ class HubSettings:
             given = [part.strip() for part in self.subnet.split(",") if part.strip()]
         nets = []
         for text in given:
+            if isinstance(text, str) and "/" not in text and _is_address(text):
+                raise StateError(f"subnet {text} has no /prefix: write e.g. {text}/24")
             try:
                 nets.append(ipaddress.ip_network(text))
             except ValueError as exc:

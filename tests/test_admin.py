@@ -53,7 +53,8 @@ def test_add_peer_twice_and_config_parses(hub, capsys):
     d, hub_public = hub
     rc, out, err = run(capsys, "--state-dir", d, "add-peer", "alice")
     assert rc == 0
-    assert err.strip() == "hub not running; the change applies when it starts"
+    assert err.splitlines() == ["peer alice added at 10.77.0.2; its config is on stdout",
+                                "hub not running; the change applies when it starts"]
     c = config.parse(out, "alice.conf")
     assert [str(a) for a in c.interface.addresses] == ["10.77.0.2/32"]
     assert [str(x) for x in c.interface.dns] == ["10.77.0.1"]
@@ -190,7 +191,8 @@ def test_show_without_hub_falls_back(hub, capsys):
     assert rc == 0 and len(err.strip().splitlines()) == 1 and "hub not running" in err
     (row,) = json.loads(out)
     assert row == {"name": "alice", "public_key": alice_public, "address": "10.77.0.2/32",
-                   "endpoint": None, "latest_handshake": None, "rx_bytes": 0, "tx_bytes": 0}
+                   "endpoint": None, "latest_handshake": None, "rx_bytes": 0, "tx_bytes": 0,
+                   "state": "enabled", "expires": None}
     rc, out, _ = run(capsys, "--state-dir", d, "show")
     assert rc == 0 and "alice" in out and "never" in out
 
@@ -209,13 +211,14 @@ def test_show_and_sync_with_a_running_hub(hub, capsys):
 
     with Server(state.socket_path(d), fake_hub):
         rc, _, err = run(capsys, "--state-dir", d, "add-peer", "alice")
-        assert rc == 0 and err == ""
+        assert rc == 0 and err == "peer alice added at 10.77.0.2; its config is on stdout\n"
         assert seen == [[("sync", "1")]]
         rc, out, err = run(capsys, "--state-dir", d, "show", "--json")
         assert rc == 0 and err == ""
         assert json.loads(out) == [{"name": "alice", "public_key": "k", "address": "10.77.0.2/32",
                                     "endpoint": "198.51.100.7:4000", "latest_handshake": 1,
-                                    "rx_bytes": 2048, "tx_bytes": 5}]
+                                    "rx_bytes": 2048, "tx_bytes": 5, "state": "enabled",
+                                    "expires": None}]
         out = run(capsys, "--state-dir", d, "show")[1]
         assert "198.51.100.7:4000" in out and "2.00 KiB" in out and "5 B" in out and "ago" in out
 

@@ -153,7 +153,7 @@ def test_bad_config_is_one_line_with_its_place(tmp_path, capsys, text, expected)
 
 def test_missing_config_file(tmp_path, capsys):
     assert cli.main(["up", str(tmp_path / "nope.conf")]) == 1
-    assert one_error(capsys) == (f"{tmp_path / 'nope.conf'}:0: cannot read: "
+    assert one_error(capsys) == (f"{tmp_path / 'nope.conf'}: cannot read: "
                                  "No such file or directory")
 
 

@@ -180,7 +180,7 @@ def test_optional_private_key_and_load(tmp_path):
     p = tmp_path / "a.conf"
     p.write_text(FULL)
     assert config.load(str(p)) == config.parse(FULL)
-    with pytest.raises(ConfigError, match=r"missing.conf:0: cannot read"):
+    with pytest.raises(ConfigError, match=r"missing.conf: cannot read"):
         config.load(str(tmp_path / "missing.conf"))
 
 

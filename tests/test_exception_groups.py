@@ -131,7 +131,7 @@ class FailingHub:
 
 @pytest.mark.parametrize("error, expected", [
     (OSError(errno.ENETDOWN, "Network is down"), "pytun-server: error: Network is down"),
-    (server_main.StartupError("no TUN device"), "pytun-server: cannot start: no TUN device"),
+    (server_main.StartupError("no TUN device"), "pytun-server: error: cannot start: no TUN device"),
 ])
 def test_server_turns_a_task_error_into_one_line(state_dir, capsys, monkeypatch, error, expected):
     monkeypatch.setattr(FailingHub, "error", error)
@@ -173,6 +173,7 @@ class FailingTunnel:
 def client_up(tmp_path, monkeypatch):
     path = tmp_path / "alice.conf"
     path.write_text(conf())
+    path.chmod(0o600)  # as add-peer -o writes it; a readable one is warned about
     monkeypatch.setenv("PYTUN_RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setattr(client_main, "check_privileges", lambda: None)
     monkeypatch.setattr(tunnel, "Tunnel", FailingTunnel)
