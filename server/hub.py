@@ -78,6 +78,9 @@ class Hub:
         self._expiry: float | None = None  # when the next access rule expires
         self._firewall_changed: trio.Event | None = None
         self._firewall_lock = trio.Lock()
+        # public key -> (endpoint, handshake time) of peers taken off the device, so one that
+        # comes back (enabled, renewed) is called at once even before the registry has them
+        self._last_seen: dict[str, tuple] = {}
         self._peer_expiry: float | None = None  # when the next peer expires
         self._warned: dict[str, int] = {}  # name -> the expiry already warned about
 
@@ -163,6 +166,8 @@ class Hub:
             record = wanted.get(name)
             if record is None or _peer_spec(record) != spec:
                 self._keep_timestamp(spec[0], engine_peer)  # for a re-add with the same key
+                if engine_peer.endpoint is not None and engine_peer.last_handshake_wall:
+                    self._remember(spec[0], engine_peer)
                 self.device.remove_peer(engine_peer.public_key)
                 del self.peers[name]
                 self._recorded.pop(name, None)
@@ -200,14 +205,24 @@ class Hub:
                 endpoint = endpoint_for(self.sock, host, int(port))
             except ValueError:
                 endpoint = None
+        seen = record.last_handshake
+        recent = self._last_seen.pop(record.public_key, None)  # removed from this device lately
+        if recent is not None and recent[1] > (seen or 0):
+            endpoint, seen = recent
         engine_peer = self.device.add_peer(public, preshared_key=psk, allowed_ips=allowed,
                                            endpoint=endpoint, name=record.name)
-        engine_peer.last_handshake_wall = record.last_handshake
+        engine_peer.last_handshake_wall = seen
         # Only an initiation newer than any this key ever completed is answered.
         engine_peer.greatest_timestamp = max(stored.get(record.public_key, b""),
                                              self._pending_ts.get(record.public_key, b""))
         self.peers[record.name] = (_peer_spec(record), engine_peer)
         return engine_peer
+
+    def _remember(self, public_key: str, engine_peer) -> None:
+        if len(self._last_seen) >= 4096:  # only the recent ones are ever called back
+            old = time.time() - REDIAL_WITHIN
+            self._last_seen = {k: v for k, v in self._last_seen.items() if v[1] >= old}
+        self._last_seen[public_key] = (engine_peer.endpoint, engine_peer.last_handshake_wall)
 
     def _call_back(self, engine_peer, now: float, wall: float) -> None:
         seen = engine_peer.last_handshake_wall

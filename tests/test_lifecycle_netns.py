@@ -63,3 +63,19 @@ def test_rotate_key_cuts_the_old_key_and_the_new_config_connects(hub):
     ns.run("wg", "setconf", laptop.ifname, stripped)
     assert wait_until(lambda: ping(ns, HUB_INNER, timeout=0.5), timeout=10,
                       what="the new key to connect")
+
+
+def test_an_enabled_laptop_is_back_within_a_second_or_two(hub):
+    """The hub calls a laptop it saw lately when it is enabled again, instead of leaving it
+    to the laptop's own retry (REKEY_TIMEOUT plus KEEPALIVE_TIMEOUT: 10-15 s)."""
+    hub, tmp = hub
+    ns, _ = hub.connect_laptop()
+    WgGoLaptop(ns, tmp, hub.add_peer("back", "--keepalive", "25"))
+    assert wait_until(lambda: ping(ns, HUB_INNER, timeout=0.5), timeout=6, what="back's tunnel")
+    hub.admin("disable-peer", "back")
+    assert not ping(ns, HUB_INNER, count=2, timeout=0.5)
+    t0 = time.monotonic()
+    hub.admin("enable-peer", "back")
+    wait_until(lambda: ping(ns, HUB_INNER, timeout=0.3), timeout=8,
+               what="the enabled laptop to be back")
+    assert time.monotonic() - t0 < 3.0, f"back after {time.monotonic() - t0:.1f} s"
