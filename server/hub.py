@@ -166,7 +166,8 @@ class Hub:
             record = wanted.get(name)
             if record is None or _peer_spec(record) != spec:
                 self._keep_timestamp(spec[0], engine_peer)  # for a re-add with the same key
-                if engine_peer.endpoint is not None and engine_peer.last_handshake_wall:
+                if record is not None and engine_peer.endpoint is not None \
+                        and engine_peer.last_handshake_wall:  # refused for now, not removed
                     self._remember(spec[0], engine_peer)
                 self.device.remove_peer(engine_peer.public_key)
                 del self.peers[name]
