@@ -81,6 +81,7 @@ class Hub:
         # public key -> (endpoint, handshake time) of peers taken off the device, so one that
         # comes back (enabled, renewed) is called at once even before the registry has them
         self._last_seen: dict[str, tuple] = {}
+        self._refused: set[str] = set()  # registered but disabled or expired
         self._peer_expiry: float | None = None  # when the next peer expires
         self._warned: dict[str, int] = {}  # name -> the expiry already warned about
 
@@ -101,6 +102,7 @@ class Hub:
         records = [dataclasses.replace(r, disabled=True) if r.expired(now) else r
                    for r in self.registry.list()]
         wanted = {r.name: r for r in records if not r.disabled}
+        self._refused = {r.name for r in records if r.disabled}
         for r in records:
             if r.name in self.peers and r.name not in wanted and r.expired(now):
                 log.info("peer %s expired at %s: its sessions end", r.name, _utc(r.expires))
@@ -166,7 +168,7 @@ class Hub:
             record = wanted.get(name)
             if record is None or _peer_spec(record) != spec:
                 self._keep_timestamp(spec[0], engine_peer)  # for a re-add with the same key
-                if record is not None and engine_peer.endpoint is not None \
+                if name in self._refused and engine_peer.endpoint is not None \
                         and engine_peer.last_handshake_wall:  # refused for now, not removed
                     self._remember(spec[0], engine_peer)
                 self.device.remove_peer(engine_peer.public_key)
