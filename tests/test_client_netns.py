@@ -107,7 +107,9 @@ class Net:
         self.admin("init", "--subnet", "10.77.0.0/24", "--endpoint", f"{HUB}:51820",
                    "--route", "203.0.113.128/25", "--dns", HUB_INNER,
                    "--interface", unique("pt"))
-        self.admin("access", "add", "everyone", "hub", "tcp/5211")  # the iperf3 test's server
+        # Default deny: the tests' TCP servers on the hub (iperf3, the transfers) need rules.
+        self.admin("access", "add", "everyone", "hub", "tcp/5211")
+        self.admin("access", "add", "everyone", "hub", "tcp/5213")
         self.start_hub()
 
     def admin(self, *args) -> subprocess.CompletedProcess:
@@ -692,10 +694,14 @@ def test_path_mtu_through_a_1300_byte_hop(narrow_net, underlay):
     icmp = [int(ns.run("nstat", "-az", icmp_counter).stdout.split()[-2])
             for ns in (net.isp, net.mid)]
     assert all(n <= 1 for n in icmp), icmp  # measured: [1, 1], one echo of five lost
-    for size in (mtu - 1, mtu):  # laptop -> hub and inet -> laptop, every packet answered
+    # Laptop -> hub, and laptop -> inet, whose replies of the same size come back into the
+    # tunnel (the hub's policy lets nothing from outside start a connection to a laptop):
+    # every packet answered.
+    for size in (mtu - 1, mtu):
         assert ping(net.lap, HUB_INNER, count=5, size=size - 28, dont_fragment=True), size
-        assert ping(net.inet, inner, count=5, size=size - 28, dont_fragment=True), size
-    # MTU+1: the laptop's kernel refuses its own; a forwarded one gets ICMP from the hub.
+        assert ping(net.lap, INET, count=5, size=size - 28, dont_fragment=True), size
+    # MTU+1: the laptop's kernel refuses its own; a forwarded one gets ICMP from the hub (its
+    # MTU check comes before the forward hook, so before the policy).
     assert "message too long, mtu=1420" in ping_text(net.lap, HUB_INNER, mtu + 1)
     assert (f"From {HUB_INET} icmp_seq=1 Frag needed and DF set (mtu = {mtu})"
             in ping_text(net.inet, inner, mtu + 1))
