@@ -6,7 +6,7 @@ On bench/rig.py's rig (a pytun-server hub and a wireguard-go laptop in namespace
 in one run:
 
     apply       the time to plan and carry out a change with `peers` registry rows in `groups`
-                groups and `rules` access rules: `policy.plan` in-process, `nat.apply` in a
+                groups and `rules` access rules: `firewall.plan` in-process, `nat.apply` in a
                 process of its own as the hub runs it, and `pytun-admin access add` and
                 `set-groups` end to end (the command returns once the hub's kernel holds the
                 change; pytun-admin's own start-up is about 0.2 s of it);
@@ -29,7 +29,6 @@ import pathlib
 import random
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -114,14 +113,14 @@ def measure(args, tmp: pathlib.Path) -> dict:
         script = f"""
 import json, time, sys
 sys.path.insert(0, {str(pathlib.Path(__file__).resolve().parent.parent)!r})
-from pytun.server import nat, policy, state
+from pytun.server import firewall, nat, policy, state
 from pytun.server.registry import SqliteRegistry
 settings = state.load_settings({hub.state_dir!r})
 reg = SqliteRegistry({db!r}, create=False)
 peers, rules = reg.list(), reg.rules()
 view = policy.HubView.from_settings(settings)
 t0 = time.perf_counter()
-plan = policy.plan(view, peers, rules, time.time(), 4)
+plan = firewall.plan(view, peers, rules, time.time(), 4)
 t1 = time.perf_counter()
 nat.apply_apart(plan.to_dict())
 t2 = time.perf_counter()
@@ -156,7 +155,7 @@ print(json.dumps({{"plan_s": t1 - t0, "apply_s": t2 - t1,
 
 
 ROWS = [
-    ("plan_s", "policy.plan, {peers} peers {groups} groups {rules} rules, ms", 1e3),
+    ("plan_s", "firewall.plan, {peers} peers {groups} groups {rules} rules, ms", 1e3),
     ("apply_s", "nat.apply in its own process, ms", 1e3),
     ("access_add_s", "pytun-admin access add, applied, ms", 1e3),
     ("set_groups_s", "pytun-admin set-groups, applied, ms", 1e3),

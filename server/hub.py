@@ -28,7 +28,7 @@ import trio
 from ..common import keys, linux
 from ..common.device import Device
 from ..common.driver import Driver, endpoint_for, format_endpoint, open_udp
-from . import control, nat, policy, state
+from . import control, firewall, nat, policy, state
 from .registry import Registry, RegistryError
 
 log = logging.getLogger("pytun")
@@ -134,7 +134,7 @@ class Hub:
         now = time.time()
         self.wanted = {}
         for family in (4, 6):
-            p = policy.plan(self.view, records, rules, now, family)
+            p = firewall.plan(self.view, records, rules, now, family)
             if p is not None:
                 self.wanted[family] = p.to_dict()
         self._reaches_peers = policy.reaches_peers(self.view, records, rules, now)
@@ -157,7 +157,7 @@ class Hub:
                 except nat.NatError as exc:
                     raise control.ControlError(f"firewall change failed: {exc}") from None
                 self.applied[family] = plan
-                rules = plan["chains"][policy.chain(self.view.interface, "POL")]
+                rules = plan["chains"][firewall.chain(self.view.interface, "POL")]
                 log.info("firewall: IPv%d access rules applied (%d rules)", family,
                          sum(r["target"] == "ACCEPT" for r in rules))
 

@@ -1,6 +1,6 @@
 """Every firewall and sysctl change the hub makes, through this one module.
 
-`policy.plan()` says what one hub wants in one address family's netfilter (its chains, their
+`firewall.plan()` says what one hub wants in one address family's netfilter (its chains, their
 rules, the jumps to them, its ipsets); this module makes the kernel hold exactly that, and
 nothing of anyone else's is touched:
 
@@ -41,7 +41,7 @@ import sys
 import warnings
 from typing import Iterator
 
-from . import policy
+from . import firewall
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def _comment_of(rule) -> str | None:
 
 
 def _our_chains(tag: str, table: str) -> set[str]:
-    return {policy.chain(tag, s) for s, t in policy.CHAINS.items() if t == table}
+    return {firewall.chain(tag, s) for s, t in firewall.CHAINS.items() if t == table}
 
 
 def _hub_tags(table) -> set[str]:
@@ -270,7 +270,7 @@ def _delete_chains(table, names) -> None:
                            " create jump to it?)") from None
 
 
-def _apply_table(p: policy.Plan, name: str, isolate: bool) -> None:
+def _apply_table(p: firewall.Plan, name: str, isolate: bool) -> None:
     iptc = _iptc()
     family = p.family
     wanted = {c: rules for c, rules in p.chains.items() if p.table_of(c) == name}
@@ -290,10 +290,10 @@ def _apply_table(p: policy.Plan, name: str, isolate: bool) -> None:
                 chain.flush()
                 for spec in rules:
                     chain.append_rule(_build(family, spec))
-            if isolate and name == "filter" and not table.is_chain(policy.ISOLATE):
-                table.create_chain(policy.ISOLATE)
-                iptc.Chain(table, policy.ISOLATE).append_rule(_build(family, {"target": "DROP"}))
-                jump = {"comment": ISOLATE_COMMENT, "target": policy.ISOLATE}
+            if isolate and name == "filter" and not table.is_chain(firewall.ISOLATE):
+                table.create_chain(firewall.ISOLATE)
+                iptc.Chain(table, firewall.ISOLATE).append_rule(_build(family, {"target": "DROP"}))
+                jump = {"comment": ISOLATE_COMMENT, "target": firewall.ISOLATE}
                 iptc.Chain(table, "FORWARD").insert_rule(_build(family, jump), 0)
             present = {(c, r.target.name) for c, rules in builtin for r in rules
                        if r.target is not None}
@@ -309,16 +309,16 @@ def _apply_table(p: policy.Plan, name: str, isolate: bool) -> None:
 def apply(plan_dict: dict, *, isolate: bool = False, previous: dict | None = None) -> None:
     """Make this family's netfilter hold exactly the plan; see the module docstring. With
     `previous`, the plan the kernel held until now, only what changed is written."""
-    p = policy.Plan.from_dict(plan_dict)
+    p = firewall.Plan.from_dict(plan_dict)
     apply_sets(p.family, p.sets, previous and previous.get("sets"))
-    old = policy.Plan.from_dict(previous) if previous else None
+    old = firewall.Plan.from_dict(previous) if previous else None
     for name in TABLES:
         if old is None or isolate or _table_part(old, name) != _table_part(p, name):
             _apply_table(p, name, isolate)
     _drop_sets(p.tag, p.family, keep=set(p.sets))
 
 
-def _table_part(p: policy.Plan, name: str) -> tuple:
+def _table_part(p: firewall.Plan, name: str) -> tuple:
     return ([(c, r) for c, r in p.chains.items() if p.table_of(c) == name],
             [j for j in p.jumps if j["table"] == name])
 
@@ -409,11 +409,11 @@ def teardown(tag: str, family: int) -> None:
     _remove(tag, family)
     with _xtables_lock():
         table = _table(family, "filter")
-        if _hub_tags(table) or not table.is_chain(policy.ISOLATE):
+        if _hub_tags(table) or not table.is_chain(firewall.ISOLATE):
             return
         with _firewall("cannot remove PYTUN-ISOLATE"):
-            _remove_jumps(table, _builtin_rules(table, "filter"), {policy.ISOLATE})
-            _delete_chains(table, [policy.ISOLATE])
+            _remove_jumps(table, _builtin_rules(table, "filter"), {firewall.ISOLATE})
+            _delete_chains(table, [firewall.ISOLATE])
             table.commit()
             table.refresh()
     if _forwarding_on(family):

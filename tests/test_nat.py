@@ -45,7 +45,7 @@ class Hub:
         return what it passed to out()."""
         prelude = textwrap.dedent(f"""
             import json, os, time
-            from pytun.server import nat, policy
+            from pytun.server import firewall, nat, policy
             from pytun.server.nat import NatError
             from pytun.server.registry import Peer
             def out(**kw): print(json.dumps(kw), flush=True)
@@ -55,7 +55,7 @@ class Hub:
                                   {self.egress if egress else None!r})
             peers = [Peer(name="lap", public_key={KEY!r}, address="10.9.0.2", groups=["dev"])]
             rules = [policy.parse_rule(*r.split()) for r in {list(rules)!r}]
-            plan = policy.plan(view, peers, rules, time.time(), 4).to_dict()
+            plan = firewall.plan(view, peers, rules, time.time(), 4).to_dict()
         """)
         done = self.ns.python(prelude + textwrap.dedent(code), **kw)
         assert "Traceback" not in done.stderr, done.stderr
@@ -98,7 +98,7 @@ def ours(saved: dict[str, list[str]], tag: str | None = None) -> list[str]:
 
 def planned(hub: Hub, **kw) -> list[str]:
     """What the plan says the kernel must hold, in the same form."""
-    lines = hub.nat("out(lines=policy.Plan.from_dict(plan).lines())", **kw)["lines"]
+    lines = hub.nat("out(lines=firewall.Plan.from_dict(plan).lines())", **kw)["lines"]
     out, table = [], None
     for line in lines:
         if line.startswith("*"):
@@ -360,14 +360,14 @@ def test_an_ipv6_plan_is_exact_in_ip6tables_and_comes_out_again(hub):
     hub.ns.run(f"ip addr add fd09::1/64 dev {hub.tun} nodad")
     code = textwrap.dedent(f"""
         import json, time, ipaddress
-        from pytun.server import nat, policy
+        from pytun.server import firewall, nat, policy
         from pytun.server.registry import Peer
         view = policy.HubView({hub.tun!r}, (ipaddress.ip_network("fd09::/64"),),
                               (ipaddress.ip_address("fd09::1"),), 51820, 1420, None,
                               {hub.egress!r})
         rules = [policy.parse_rule("everyone", "hub", "icmp"),
                  policy.parse_rule("everyone", "internet")]
-        plan = policy.plan(view, [], rules, time.time(), 6)
+        plan = firewall.plan(view, [], rules, time.time(), 6)
         print(json.dumps(plan.lines()))
         print(json.dumps(nat.setup(plan.to_dict())))
     """)

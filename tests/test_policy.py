@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from pytun.server import policy, state
+from pytun.server import firewall, policy, state
 from pytun.server.policy import PolicyError, Rule, parse_rule
 from pytun.server.registry import Peer
 
@@ -93,10 +93,10 @@ def test_the_plan_of_a_small_hub_line_by_line():
              Rule("dev", "169.254.169.254/32", id=3),
              Rule("everyone", "internet", id=4, expires=NOW - 1),  # expired: absent
              Rule("peer:bob", "dev", "udp", (5000, 5100), id=5)]
-    p = policy.plan(view(), peers, rules, NOW, 4)
-    src = policy.set_name("pt0", "@sources", 4)
-    everyone, dev = policy.set_name("pt0", "everyone", 4), policy.set_name("pt0", "dev", 4)
-    bob = policy.set_name("pt0", "peer:bob", 4)
+    p = firewall.plan(view(), peers, rules, NOW, 4)
+    src = firewall.set_name("pt0", "@sources", 4)
+    everyone, dev = firewall.set_name("pt0", "everyone", 4), firewall.set_name("pt0", "dev", 4)
+    bob = firewall.set_name("pt0", "peer:bob", 4)
     assert p.sets == {src: ["10.77.0.0/24", "192.168.50.0/24"],
                       everyone: ["10.77.0.2/32", "10.77.0.3/32", "192.168.50.0/24"],
                       dev: ["10.77.0.2/32", "192.168.50.0/24"],  # carol is disabled
@@ -150,7 +150,7 @@ def test_the_plan_of_a_small_hub_line_by_line():
         f"-A PYTUN-pt0-SPC -d 169.254.169.254/32 -m comment --comment \"rule 3\" -m set --match-set {dev} src -j ACCEPT",
         "-A PYTUN-pt0-SPC -j DROP",
     ]
-    assert policy.plan(view(), peers, rules, NOW, 6) is None  # no IPv6 subnet
+    assert firewall.plan(view(), peers, rules, NOW, 6) is None  # no IPv6 subnet
     assert policy.next_expiry(rules, NOW - 10) == NOW - 1
     assert policy.reaches_peers(view(), peers, rules, NOW)  # rule 5: bob to dev's laptops
     assert not policy.reaches_peers(view(), peers, rules[:4], NOW)
@@ -158,18 +158,18 @@ def test_the_plan_of_a_small_hub_line_by_line():
 
 def test_names_fit_the_kernel_and_never_collide_between_hubs():
     longest = "a" * 15
-    assert len(policy.chain(longest, "POL")) <= 28  # XT_EXTENSION_MAXNAMELEN - 1
-    assert len(policy.set_name(longest, "everyone", 6)) <= 31  # IPSET_MAXNAMELEN - 1
+    assert len(firewall.chain(longest, "POL")) <= 28  # XT_EXTENSION_MAXNAMELEN - 1
+    assert len(firewall.set_name(longest, "everyone", 6)) <= 31  # IPSET_MAXNAMELEN - 1
     # Hub "pt" and hub "pt-a": one's names are never the other's.
     from pytun.server import nat
-    name = policy.set_name("pt-a", "dev", 4)
+    name = firewall.set_name("pt-a", "dev", 4)
     assert nat._is_our_set(name, "pt-a", 4) and not nat._is_our_set(name, "pt", 4)
-    assert not nat._is_our_set(policy.set_name("pt", "dev", 4), "pt", 6)
+    assert not nat._is_our_set(firewall.set_name("pt", "dev", 4), "pt", 6)
 
 
 def test_a_listen_port_at_either_end_of_the_range_is_never_a_masquerade_port():
     for port in (1, 1024, 65535):
-        p = policy.plan(view(listen_port=port), [], [], NOW, 4)
+        p = firewall.plan(view(listen_port=port), [], [], NOW, 4)
         for rule in p.chains["PYTUN-pt0-NAT"]:
             if rule.get("to_ports"):
                 lo, hi = map(int, rule["to_ports"].split("-"))
@@ -305,7 +305,7 @@ def _agree(spec, rules, who, dst, proto, port) -> str:
     peers = [peer(name, i, groups, full_tunnel=full, disabled=off,
                   sites=["192.168.50.0/24"] if name == "carol" else [])
              for i, (name, (groups, full, off)) in enumerate(zip(["alice", "bob", "carol"], spec))]
-    p = policy.plan(view(), peers, rules, NOW, 4)
+    p = firewall.plan(view(), peers, rules, NOW, 4)
     ip = ipaddress.ip_address(dst)
     me = next(x for x in peers if x.name == who)
     local = ip in LOCAL
