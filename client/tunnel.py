@@ -29,7 +29,7 @@ import subprocess
 
 import trio
 
-from ..common import keys, linux
+from ..common import files, keys, linux
 from ..common.config import WgConfig
 from ..common.device import Device
 from ..common.driver import Driver, endpoint_for, format_endpoint, open_udp
@@ -80,12 +80,7 @@ def ensure_run_dir(directory: str) -> None:
 
 
 def write_state(path: str, state: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    files.write_atomic(path, json.dumps(state, indent=2) + "\n")
 
 
 def read_state(path: str) -> dict | None:

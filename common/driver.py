@@ -23,7 +23,7 @@ import time
 
 import trio
 
-from . import tcpgro
+from . import linux, tcpgro
 
 log = logging.getLogger("pytun")
 
@@ -61,7 +61,7 @@ def open_udp(port: int = 0, *, mark: int = 0) -> socket.socket:
             except OSError:
                 pass
     if mark:
-        sock.setsockopt(socket.SOL_SOCKET, 36, mark)  # SO_MARK
+        linux.set_socket_mark(sock, mark)
     sock.setblocking(False)
     return sock
 

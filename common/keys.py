@@ -6,7 +6,7 @@ import base64
 import binascii
 import os
 
-from . import crypto
+from . import crypto, files
 
 # Public keys of small order: DH with any of them gives the zero point (or a point the kernel
 # refuses). From the WireGuard kernel selftest netns.sh; see tests/vectors/low_order_keys.json.
@@ -83,12 +83,4 @@ def generate_psk() -> bytes:
 
 def write_secret_file(path: str, text: str) -> None:
     """Create (or replace) a file readable by its owner only, mode 0600 from the first byte."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_EXCL, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    files.write_atomic(path, text, mode=0o600)

@@ -481,15 +481,13 @@ def _nft_forward_drop_chains() -> list[str]:
     nft = shutil.which("nft")
     if nft is None:
         return []
-    done = subprocess.run([nft, "list", "ruleset"], capture_output=True, text=True, timeout=10)
-    found, table, chain = [], None, None
-    for line in done.stdout.splitlines():
-        if m := re.match(r"\s*table\s+(\S+)\s+(\S+)\s*\{", line):
-            table = f"{m[1]} {m[2]}"
-        elif m := re.match(r"\s*chain\s+(\S+)\s*\{", line):
-            chain = m[1]
-        elif "hook forward" in line and re.search(r"policy\s+drop", line):
-            found.append(f"{table} {chain}")
+    done = subprocess.run([nft, "-j", "list", "ruleset"], capture_output=True, text=True,
+                          timeout=10)
+    found = []
+    for item in json.loads(done.stdout or "{}").get("nftables", []):
+        chain = item.get("chain")
+        if chain and chain.get("hook") == "forward" and chain.get("policy") == "drop":
+            found.append(f"{chain['family']} {chain['table']} {chain['name']}")
     return found
 
 

@@ -19,7 +19,7 @@ import stat
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 
-from pytun.common import config, keys
+from pytun.common import config, files, keys
 
 from . import policy
 from .registry import RegistryError, SqliteRegistry
@@ -213,14 +213,7 @@ def load_settings(state_dir: str) -> HubSettings:
 
 def save_settings(state_dir: str, settings: HubSettings) -> None:
     """Replace hub.json atomically (write a temporary file, then rename)."""
-    path = settings_path(state_dir)
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(settings.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    files.write_atomic(settings_path(state_dir), settings.to_json())
 
 
 def init_state(state_dir: str, settings: HubSettings, *, private_key: bytes | None = None,

@@ -327,3 +327,23 @@ def test_hmac_matches_the_standard_library(key_len):
     key, data = bytes(range(key_len % 256))[:key_len] * 1, b"pytun" * key_len
     key = (key * 2)[:key_len]
     assert crypto.HMAC(key, data) == std_hmac.digest(key, data, "blake2s")
+
+
+def test_the_libsodium_functions_called_directly_have_the_signatures_crypto_py_expects():
+    """crypto.py calls PyNaCl's private cffi module (nacl._sodium) to skip its wrappers' cost.
+    Should a PyNaCl release change that module, this fails loudly, naming what changed."""
+    from pytun.common import crypto
+    expected = {
+        "crypto_aead_chacha20poly1305_ietf_encrypt":
+            "int(*)(unsigned char *, unsigned long long *, unsigned char *, unsigned long long,"
+            " unsigned char *, unsigned long long, unsigned char *, unsigned char *,"
+            " unsigned char *)",
+        "crypto_aead_chacha20poly1305_ietf_decrypt":
+            "int(*)(unsigned char *, unsigned long long *, unsigned char *, unsigned char *,"
+            " unsigned long long, unsigned char *, unsigned long long, unsigned char *,"
+            " unsigned char *)",
+        "crypto_scalarmult": "int(*)(unsigned char *, unsigned char *, unsigned char *)",
+        "crypto_scalarmult_base": "int(*)(unsigned char *, unsigned char *)",
+    }
+    found = {name: crypto._ffi.typeof(getattr(crypto._lib, name)).cname for name in expected}
+    assert found == expected

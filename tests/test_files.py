@@ -1,0 +1,32 @@
+"""common/files.py: a replaced file is the old content or the new one, with the mode asked."""
+
+import os
+import stat
+
+import pytest
+
+from pytun.common import files
+
+
+def test_write_atomic_replaces_with_the_mode_asked_whatever_the_umask(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text("old")
+    os.chmod(path, 0o644)
+    old_umask = os.umask(0)
+    try:
+        files.write_atomic(str(path), "new\n")
+        assert path.read_text() == "new\n" and stat.S_IMODE(path.stat().st_mode) == 0o600
+        files.write_atomic(str(path), b"\x00bytes", mode=0o640)
+        assert path.read_bytes() == b"\x00bytes" and stat.S_IMODE(path.stat().st_mode) == 0o640
+    finally:
+        os.umask(old_umask)
+    assert sorted(os.listdir(tmp_path)) == ["state.json"]  # no temporary file left
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "key"
+    path.write_text("old")
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space")))
+    with pytest.raises(OSError):
+        files.write_atomic(str(path), "new")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["key"]
