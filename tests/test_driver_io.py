@@ -1,0 +1,217 @@
+"""The driver's I/O in the hub's production configuration, without root: UDP GSO runs and their
+fallbacks (EINVAL: no offload; EMSGSIZE: a path MTU; EAGAIN: a full socket), replies from the
+address a laptop dialled (IP_PKTINFO, on loopback's 127.0.0.0/8), and a TUN device with
+IFF_VNET_HDR (a datagram socketpair stands in for it: every write is one packet).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+from pytun.common import driver as driver_module, tcpgro
+from pytun.common.driver import Driver, open_udp
+
+
+class FakeDevice:
+    """What the driver needs of a Device: queues, drops and the two entry points."""
+
+    def __init__(self):
+        self.net_out, self.tun_out, self.events = [], [], []
+        self.drops = {}
+        self.sent, self.received = [], []
+
+    def send(self, packet, now):
+        self.sent.append(bytes(packet))
+
+    def receive(self, data, src, now):
+        self.received.append((bytes(data), src))
+
+
+class Drops(dict):
+    def __missing__(self, key):
+        return 0
+
+
+class FailingSocket:
+    """Records each send; raises the queued errors first, in order."""
+
+    family = socket.AF_INET6
+
+    def __init__(self, errors=()):
+        self.errors = list(errors)
+        self.calls: list[tuple[str, int, int | None]] = []  # (call, datagrams, segment size)
+
+    def _maybe_fail(self):
+        if self.errors:
+            error = self.errors.pop(0)
+            if error is not None:
+                raise error
+
+    def sendto(self, datagram, endpoint):
+        self._maybe_fail()
+        self.calls.append(("sendto", 1, None))
+
+    def sendmsg(self, buffers, cmsgs, flags, endpoint):
+        self._maybe_fail()
+        segment = next((int.from_bytes(d, "little") for lvl, kind, d in cmsgs
+                        if kind == driver_module.UDP_SEGMENT), None)
+        self.calls.append(("sendmsg", len(buffers), segment))
+
+    def fileno(self):
+        return -1
+
+
+def driver_with(sock, **kw) -> tuple[Driver, FakeDevice]:
+    device = FakeDevice()
+    device.drops = Drops()
+    d = Driver.__new__(Driver)  # the I/O methods only, no thread and no real TUN
+    Driver.__init__(d, device, -1, sock, **kw)
+    return d, device
+
+
+EP = ("2001:db8::7", 51820, 0, 0)
+OTHER = ("2001:db8::8", 51820, 0, 0)
+
+
+def run_of(n: int, size: int = 1452, endpoint=EP, last: int | None = None) -> list:
+    out = [(bytes(size), endpoint) for _ in range(n)]
+    if last is not None:
+        out.append((bytes(last), endpoint))
+    return out
+
+
+def test_runs_of_equal_datagrams_to_one_endpoint_go_out_as_one_gso_send():
+    sock = FailingSocket()
+    d, _ = driver_with(sock)
+    out = run_of(70, 100) + run_of(3, 100, OTHER) + run_of(50) + run_of(2, 1452, EP, last=60)
+    assert d._send_all(out) == []
+    # 64 datagrams or 65,000 bytes at most per send (44 of 1,452); another endpoint starts a
+    # new run; a shorter datagram ends one.
+    assert sock.calls == [("sendmsg", 64, 100), ("sendmsg", 6, 100), ("sendmsg", 3, 100),
+                          ("sendmsg", 44, 1452), ("sendmsg", 9, 1452)]
+    assert d.io_errors == {}
+
+
+def test_without_segmentation_offload_the_driver_sends_one_by_one_from_then_on():
+    sock = FailingSocket([OSError(errno.EINVAL, "Invalid argument")])
+    d, _ = driver_with(sock)
+    assert d._send_all(run_of(3)) == []
+    assert d.gso is False
+    assert sock.calls == [("sendto", 1, None)] * 3
+    sock.calls.clear()
+    d._send_all(run_of(2))
+    assert sock.calls == [("sendto", 1, None)] * 2 and d.io_errors == {}
+
+
+def test_a_path_mtu_refusal_sends_that_endpoints_big_datagrams_one_by_one():
+    sock = FailingSocket([OSError(errno.EMSGSIZE, "Message too long")])
+    d, _ = driver_with(sock)
+    assert d._send_all(run_of(4) + run_of(2, 100, OTHER)) == []
+    assert sock.calls == [("sendto", 1, None)] * 4 + [("sendmsg", 2, 100)]
+    assert d.gso is True and d._too_big == {EP: 1452}
+    sock.calls.clear()
+    d._send_all(run_of(2, 1000) + run_of(2, 1500))  # smaller ones still go as a run
+    assert sock.calls == [("sendmsg", 2, 1000), ("sendto", 1, None), ("sendto", 1, None)]
+
+
+def test_a_full_socket_keeps_what_is_left_in_order_and_nothing_is_lost():
+    sock = FailingSocket([None, BlockingIOError()])
+    d, device = driver_with(sock)
+    out = run_of(2, 1452, EP) + run_of(2, 100, OTHER) + run_of(1, 60, EP)
+    device.net_out = list(out)
+    assert d.flush_nowait() is True  # some are left: the loop then waits for EPOLLOUT
+    assert device.net_out == out[2:]
+    assert sock.calls == [("sendmsg", 2, 1452)]
+    assert d.flush_nowait() is False and device.net_out == []
+    assert sock.calls[1:] == [("sendmsg", 2, 100), ("sendto", 1, None)]
+    assert d.io_errors == {}
+
+
+def test_any_other_send_error_is_counted_per_datagram():
+    sock = FailingSocket([OSError(errno.ENETUNREACH, "Network is unreachable")])
+    d, _ = driver_with(sock)
+    assert d._send_all(run_of(3) + run_of(1, 90, OTHER)) == []
+    assert d.io_errors == {"udp_send_error": 3}
+    assert sock.calls == [("sendto", 1, None)]  # the next endpoint's datagram went out
+
+
+def test_replies_leave_from_the_address_the_laptop_dialled():
+    """A hub socket on the wildcard address; a laptop sends to 127.0.0.2: the reply must come
+    from 127.0.0.2, not from the route's choice (127.0.0.1)."""
+    hub_sock = open_udp(0)
+    port = hub_sock.getsockname()[1]
+    d, device = driver_with(hub_sock, sticky=True)
+    laptop = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    laptop.bind(("127.0.0.1", 0))
+    laptop.settimeout(5)
+    try:
+        laptop.sendto(b"\x01hello", ("127.0.0.2", port))
+        socket_ready(hub_sock)
+        d._drain_udp(0.0)
+        (data, src), = device.received
+        assert data == b"\x01hello" and src[1] == laptop.getsockname()[1]
+        device.net_out = [(b"reply", src)] * 3  # a run: GSO and the source together
+        assert d.flush_nowait() is False
+        for _ in range(3):
+            reply, sender = laptop.recvfrom(100)
+            assert reply == b"reply" and sender[0] == "127.0.0.2", sender
+        assert d.io_errors == {}
+    finally:
+        hub_sock.close()
+        laptop.close()
+
+
+def socket_ready(sock, timeout: float = 5.0) -> None:
+    import select
+    assert select.select([sock], [], [], timeout)[0], "nothing arrived"
+
+
+def tcp_segment(seq: int, payload: bytes) -> bytes:
+    from tests.enginenet import ipv4
+    import struct
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5201, seq, 1, 5 << 4, 0x10, 512, 0, 0) + payload
+    packet = bytearray(ipv4("10.77.0.2", "10.77.0.1", tcp, proto=6))
+    packet[6] |= 0x40  # DF, as TCP sets it
+    return bytes(packet)
+
+
+def test_a_vnet_hdr_tun_device_reads_past_the_header_and_gets_coalesced_writes():
+    tun, far = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    tun.setblocking(False)
+    try:
+        sock = FailingSocket()
+        device = FakeDevice()
+        device.drops = Drops()
+        d = Driver(device, tun.fileno(), sock, vnet_hdr=True)
+        # Read: the kernel puts a virtio_net_hdr in front of every packet; the device must not
+        # see it.
+        packet = tcp_segment(1, b"x" * 200)
+        far.send(bytes(tcpgro.VNET_HDR_LEN) + packet)
+        d._drain_tun(0.0)
+        assert device.sent == [packet]
+        # Write: a run of one flow's segments becomes one GSO packet, a lone one goes plain.
+        run = [tcp_segment(1 + 1000 * i, b"y" * 1000) for i in range(3)]
+        device.tun_out = run + [b"\x45" + bytes(19)]
+        d.flush_nowait_tun()
+        merged = far.recv(65535)
+        header = tcpgro._VNET.unpack(merged[:tcpgro.VNET_HDR_LEN])
+        assert header[1] == tcpgro.VIRTIO_NET_HDR_GSO_TCPV4 and header[3] == 1000
+        assert len(merged) == tcpgro.VNET_HDR_LEN + 40 + 3000
+        assert far.recv(65535) == tcpgro.PLAIN + b"\x45" + bytes(19)
+        assert d.io_errors == {}
+    finally:
+        tun.close()
+        far.close()
+
+
+def test_a_failed_tun_read_is_counted_not_raised():
+    r, w = os.pipe()
+    os.close(w)
+    os.close(r)  # the number now names no open file: reads fail with EBADF
+    device = FakeDevice()
+    device.drops = Drops()
+    d = Driver(device, r, FailingSocket())
+    d._drain_tun(0.0)
+    assert d.io_errors == {"tun_read_error": 1} and device.sent == []
