@@ -194,8 +194,9 @@ class Device(Timers):
             self.drops["no_endpoint"] += 1
             return
         peer.last_sent_handshake = now
-        if peer.handshake is not None:
-            self.handshakes.pop(peer.handshake.local_index, None)
+        if peer.handshake is not None:  # it stays answerable; the one before it does not
+            self._drop_pending(peer.previous_handshake)
+            peer.previous_handshake = peer.handshake
         index = self._new_index()
         e_priv = clamp(self.rng(32))
         e_pub, enc_static, enc_ts, ck, h = noise.create_initiation(
@@ -329,10 +330,14 @@ class Device(Timers):
         if not self._admit_handshake(data, wire.RESPONSE_MAC1, msg.sender, src, now):
             return
         peer = self.handshakes.get(msg.receiver)
-        if peer is None or peer.handshake is None or peer.handshake.local_index != msg.receiver:
+        hs = None
+        if peer is not None:
+            for pending in (peer.handshake, peer.previous_handshake):
+                if pending is not None and pending.local_index == msg.receiver:
+                    hs = pending
+        if hs is None:
             self.drops["unknown_index"] += 1
             return
-        hs = peer.handshake
         try:
             _, ck, h = noise.consume_response(
                 hs.ck, hs.h, ephemeral_private=hs.ephemeral_private,
@@ -342,8 +347,13 @@ class Device(Timers):
             self.drops["bad_response"] += 1
             return
         send_key, recv_key = noise.split(ck)
-        del self.handshakes[hs.local_index]
-        peer.handshake = None
+        self._drop_pending(hs)
+        if hs is peer.handshake:
+            peer.handshake = None
+            self._drop_pending(peer.previous_handshake)
+            peer.previous_handshake = None
+        else:  # the answer to the initiation before: the newer one may still complete too,
+            peer.previous_handshake = None  # and its session then replaces this one
         kp = Keypair(peer, send_key, recv_key, hs.local_index, msg.sender, now, initiator=True)
         self.keypairs[kp.local_index] = kp
         # Initiator: the new keypair is current at once; a responder keypair in waiting becomes
@@ -444,6 +454,10 @@ class Device(Timers):
         if peer.staged:
             self.send_staged(peer, now)
 
+    def _drop_pending(self, hs) -> None:
+        if hs is not None:
+            self.handshakes.pop(hs.local_index, None)
+
     def _forget(self, kp: Keypair | None) -> None:
         if kp is not None:
             self.keypairs.pop(kp.local_index, None)
@@ -459,6 +473,6 @@ class Device(Timers):
         for kp in peer.keypairs():
             self._forget(kp)
         peer.current = peer.previous = peer.next = None
-        if peer.handshake is not None:
-            self.handshakes.pop(peer.handshake.local_index, None)
-            peer.handshake = None
+        self._drop_pending(peer.handshake)
+        self._drop_pending(peer.previous_handshake)
+        peer.handshake = peer.previous_handshake = None

@@ -76,7 +76,7 @@ class Peer:
 
     __slots__ = ("public_key", "name", "preshared_key", "static_static", "initial_ck",
                  "initial_h", "cookies", "endpoint", "persistent_keepalive", "current",
-                 "previous", "next", "handshake", "greatest_timestamp",
+                 "previous", "next", "handshake", "previous_handshake", "greatest_timestamp",
                  "last_initiation_consumed", "last_sent_handshake", "staged", "retransmit_at",
                  "keepalive_at", "new_handshake_at", "zero_at", "persistent_at",
                  "handshake_attempts", "need_another_keepalive", "sent_last_minute_handshake",
@@ -97,6 +97,9 @@ class Peer:
         self.previous: Keypair | None = None
         self.next: Keypair | None = None
         self.handshake: PendingHandshake | None = None
+        # The initiation before `handshake`, still answerable: on a bad network its response
+        # may arrive after a retransmission went out, and should still complete.
+        self.previous_handshake: PendingHandshake | None = None
         self.greatest_timestamp = b""
         self.last_initiation_consumed: float | None = None
         self.last_sent_handshake: float | None = None

@@ -226,6 +226,70 @@ def test_a_late_response_still_completes_after_retransmission():
     assert len(net.sent_by("a", INIT)) == 2
 
 
+def held_responses(net):
+    """Hold every response b sends (for delivery later, by hand); returns the list."""
+    held = []
+
+    def hold(sent):
+        if sent.type == RESP:
+            held.append(sent.datagram)
+            return True
+        return False
+
+    net.drop_if = hold
+    return held
+
+
+def test_a_response_to_the_initiation_before_the_retransmission_still_completes():
+    """The first response arrives late, after a retransmitted initiation that was lost: the
+    first initiation is still in flight, so its response makes a session (boringtun's
+    `previous` handshake state; dropped before)."""
+    net, a, b = two()
+    held = []
+
+    def slow_then_lost(sent):  # the first answer is held; the retransmission is lost
+        if sent.type == RESP:
+            held.append(sent.datagram)
+            return True
+        return sent.type == INIT and sent.time > 1
+
+    net.drop_if = slow_then_lost
+    packet = a.packet_to(b, b"over a slow path")
+    a.device.send(packet, 0.0)
+    net.run(5.5, step=0.01)  # the retransmission went out at 5 s + jitter
+    assert len(net.sent_by("a", INIT)) == 2 and len(held) == 1
+    net.drop_if = None
+    before = dict(a.device.drops)
+    net.inject(a, held[0], b.endpoint)  # the answer to the first initiation
+    assert a.device.drops == before
+    assert b.received == [packet]  # staged packet sent on the new session, decrypted by b
+    assert a.peer(b).current is not None and a.peer(b).previous_handshake is None
+    assert a.peer(b).retransmit_at is None
+
+
+def test_answers_to_both_initiations_end_on_the_newer_session():
+    """b answered both initiations; its session for the first is gone once it answered the
+    second. Whichever answer arrives first, a ends on the second's session, and data flows."""
+    for order in ((0, 1), (1, 0)):
+        net, a, b = two()
+        held = held_responses(net)
+        a.device.send(a.packet_to(b, b"one"), 0.0)
+        net.run(5.5, step=0.01)
+        assert len(held) == 2
+        net.drop_if = None
+        for i in order:
+            net.inject(a, held[i], b.endpoint)
+        pa = a.peer(b)
+        assert pa.handshake is None and pa.previous_handshake is None and not a.device.handshakes
+        a.device.send(a.packet_to(b, b"two"), net.now)
+        net.deliver()
+        assert b.received[-1] == a.packet_to(b, b"two"), order
+        # Answering twice is no longer possible: a third copy of either is an unknown index.
+        before = a.device.drops["unknown_index"]
+        net.inject(a, held[order[0]], b.endpoint)
+        assert a.device.drops["unknown_index"] == before + 1, order
+
+
 def test_staged_queue_keeps_the_newest_packets():
     net, a, b = two()
     net.drop_if = lambda s: s.type == INIT and s.time < 1
