@@ -38,6 +38,13 @@ _PAD = bytes(16)
 UNDER_LOAD_WINDOW = 1.0
 
 
+def rekey_due(kp: Keypair, now: float) -> bool:
+    """After sending on `kp`: either side rekeys after REKEY_AFTER_MESSAGES, only the
+    initiator after REKEY_AFTER_TIME (whitepaper 6.2)."""
+    return (kp.send_counter > REKEY_AFTER_MESSAGES
+            or kp.initiator and now - kp.created > REKEY_AFTER_TIME)
+
+
 class Device(Timers):
     def __init__(self, private_key: bytes, *, rng=os.urandom, wallclock=time.time,
                  mtu: int = 1420, allow_peer_to_peer: bool = True,
@@ -130,9 +137,7 @@ class Device(Timers):
             return
         self._seal(peer, kp, packet, now)
         self.data_sent(peer, now)
-        # Either side rekeys after REKEY_AFTER_MESSAGES; only the initiator after REKEY_AFTER_TIME.
-        if (kp.send_counter > REKEY_AFTER_MESSAGES
-                or kp.initiator and now - kp.created > REKEY_AFTER_TIME):
+        if rekey_due(kp, now):
             self.initiate(peer, now, retry=False)
 
     def _seal(self, peer: Peer, kp: Keypair, packet, now: float) -> None:
@@ -172,9 +177,7 @@ class Device(Timers):
             sent_data = sent_data or len(packet) > 0
         if sent_data:
             self.data_sent(peer, now)
-        # Either side rekeys after REKEY_AFTER_MESSAGES; only the initiator after REKEY_AFTER_TIME.
-        if (kp.send_counter > REKEY_AFTER_MESSAGES
-                or kp.initiator and now - kp.created > REKEY_AFTER_TIME):
+        if rekey_due(kp, now):
             self.initiate(peer, now, retry=False)
 
     def send_keepalive(self, peer: Peer, now: float) -> None:
