@@ -24,7 +24,8 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
+from ipaddress import (IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface,
+                       IPv6Network)
 
 from . import keys
 
@@ -34,7 +35,8 @@ IPAddress = IPv4Address | IPv6Address
 
 PLACEHOLDER_PREFIX = "<the private key that goes with "
 
-_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?")
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?")
 
 
 class ConfigError(ValueError):
@@ -170,7 +172,8 @@ def _set_interface(iface: InterfaceConfig, key: str, value: str) -> None:
             try:
                 iface.addresses.append(ipaddress.ip_interface(item))
             except ValueError:
-                raise ValueError(f"Address {item!r} is not an IP address with optional /prefix") from None
+                raise ValueError(f"Address {item!r} is not an IP address with optional"
+                                 " /prefix") from None
     elif key == "dns":
         for item in _split_list(value):
             if _is_ip(item):
@@ -186,7 +189,8 @@ def _set_interface(iface: InterfaceConfig, key: str, value: str) -> None:
     elif key == "fwmark":
         iface.fwmark = 0 if value.lower() == "off" else _int(value, "FwMark", 0, 0xFFFFFFFF)
     elif key == "table":
-        if value.lower() not in ("off", "auto") and not value.isdigit() and not re.fullmatch(r"\w+", value):
+        if (value.lower() not in ("off", "auto") and not value.isdigit()
+                and not re.fullmatch(r"\w+", value)):
             raise ValueError(f"Table must be off, auto, a number or a table name, not {value!r}")
         iface.table = value
     elif key in _HOOKS:
@@ -213,7 +217,8 @@ def _set_peer(peer: dict, key: str, value: str) -> None:
             except ValueError:
                 raise ValueError(f"AllowedIPs {item!r} is not an IP network") from None
     elif key == "persistentkeepalive":
-        peer["persistent_keepalive"] = 0 if value.lower() == "off" else _int(value, "PersistentKeepalive", 0, 65535)
+        peer["persistent_keepalive"] = (0 if value.lower() == "off"
+                                        else _int(value, "PersistentKeepalive", 0, 65535))
     else:
         raise KeyError(key)
 
@@ -242,7 +247,8 @@ def parse(text: str, path: str = "<config>", *, require_private_key: bool = True
             name = line.lower()
             if name == "[interface]":
                 if iface is not None:
-                    raise fail(lineno, f"a second [Interface] section (the first is at line {iface_line})")
+                    raise fail(lineno, "a second [Interface] section (the first is at line"
+                                       f" {iface_line})")
                 iface, iface_line, section = InterfaceConfig(), lineno, "interface"
             elif name == "[peer]":
                 peers.append((lineno, {"allowed_ips": []}))

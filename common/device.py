@@ -319,7 +319,8 @@ class Device(Timers):
         # A response counts as a handshake sent (as in wireguard-go and the kernel): until the
         # initiator confirms the session, data waiting here must not start a crossing initiation.
         peer.last_sent_handshake = now
-        response = wire.Response(index, msg.sender, e_pub, enc_nothing, b"", b"").pack_without_macs()
+        response = wire.Response(index, msg.sender, e_pub, enc_nothing, b"",
+                                 b"").pack_without_macs()
         datagram = peer.cookies.add_macs(response, now)
         self.net_out.append((datagram, peer.endpoint))
         peer.rx_bytes += len(data)
@@ -440,7 +441,8 @@ class Device(Timers):
         if not self.allowed_ips.contains_src(plaintext, peer):
             self.drops["source_not_allowed"] += 1
             return
-        if not self.allow_peer_to_peer and self.allowed_ips.lookup_packet_dst(plaintext) is not None:
+        if (not self.allow_peer_to_peer
+                and self.allowed_ips.lookup_packet_dst(plaintext) is not None):
             self.drops["peer_to_peer"] += 1
             return
         self.tun_out.append(plaintext if length == len(plaintext) else plaintext[:length])

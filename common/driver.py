@@ -399,7 +399,8 @@ class Driver:
                 while j < n and j - i < GSO_MAX_SEGMENTS:
                     d2, e2 = out[j]
                     l2 = len(d2)
-                    if (e2 is not endpoint and e2 != endpoint) or l2 > size or total + l2 > GSO_MAX_BYTES:
+                    if ((e2 is not endpoint and e2 != endpoint) or l2 > size
+                            or total + l2 > GSO_MAX_BYTES):
                         break
                     total += l2
                     j += 1

@@ -105,7 +105,8 @@ def consume_response(ck: bytes, h: bytes, *, ephemeral_private: bytes, static_pr
 
 
 def split(ck: bytes) -> tuple[bytes, bytes]:
-    """(T_i->r, T_r->i) := KDF2(C, e): the initiator sends with the first, receives with the second."""
+    """(T_i->r, T_r->i) := KDF2(C, e): the initiator sends with the first and receives with
+    the second."""
     return KDF2(ck, b"")
 
 

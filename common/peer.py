@@ -1,4 +1,5 @@
-"""Per-peer state: keypairs (previous/current/next), the handshake in flight, staged packets, timers.
+"""Per-peer state: keypairs (previous/current/next), the handshakes in flight, staged packets,
+timers.
 
 The protocol constants are the whitepaper's (section 6.1).
 """

@@ -248,7 +248,8 @@ def teardown(checks: Checks, topo: nn.Topology, names: list[str], started: list[
         except Exception as exc:
             errors.append(f"closing {ns.name}: {_one_line(exc)}")
     for name in half_made():
-        ns = nn.Netns.__new__(nn.Netns)  # adopt it, so close() stops what runs inside and deletes it
+        # Adopt it, so close() stops what runs inside and deletes it.
+        ns = nn.Netns.__new__(nn.Netns)
         ns.name, ns.procs = name, []
         nn._live[name] = ns
         try:

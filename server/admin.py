@@ -338,7 +338,8 @@ def cmd_enable_peer(args) -> int:
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+             for r in [header, *rows]]
     return "\n".join(lines) + "\n"
 
 
@@ -713,7 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="inner address, one per family (default: lowest free)")
     sp.add_argument("--site", action="append", metavar="CIDR,...",
                     help="networks behind this peer (e.g. a branch office) routed to it")
-    sp.add_argument("--full-tunnel", action="store_true", help="send all the laptop's traffic via the hub")
+    sp.add_argument("--full-tunnel", action="store_true",
+                    help="send all the laptop's traffic via the hub")
     sp.add_argument("--keepalive", type=int, metavar="SECONDS",
                     help=f"PersistentKeepalive (default {DEFAULT_KEEPALIVE}; 0 = off)")
     sp.add_argument("--preshared-key", "--psk", dest="psk", action="store_true",

@@ -170,7 +170,8 @@ def _remove_stale(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise ControlError(f"{path} exists and is not a socket; refusing to replace it", _errno.EEXIST)
+        raise ControlError(f"{path} exists and is not a socket; refusing to replace it",
+                           _errno.EEXIST)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
@@ -314,9 +315,11 @@ def request(path: str, pairs: Iterable[tuple[str, object]], timeout: float = TIM
                 if len(data) > MAX_RESPONSE:
                     raise ControlError("response from the hub is too large", _errno.EMSGSIZE)
         except socket.timeout:
-            raise ControlError(f"the hub did not answer within {timeout:g} s", _errno.ETIMEDOUT) from None
+            raise ControlError(f"the hub did not answer within {timeout:g} s",
+                               _errno.ETIMEDOUT) from None
         except OSError as exc:
-            raise ControlError(f"talking to the hub on {path}: {exc.strerror or exc}", exc.errno or 1) from None
+            raise ControlError(f"talking to the hub on {path}: {exc.strerror or exc}",
+                               exc.errno or 1) from None
     finally:
         sock.close()
     answer, errno = parse_response(data.decode("utf-8", errors="replace"))

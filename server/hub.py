@@ -8,9 +8,9 @@ What the data plane learns goes the other way, write-behind: a handshake or a mo
 the peer, and a worker thread (off the trio loop), at most once every WRITE_EVERY seconds,
 stores the latest endpoint of each marked peer and the greatest handshake timestamp of each
 key, in a transaction each. A laptop that changes source port with every datagram thus costs
-one row a second, and one log line per LOG_EVERY. The timestamps (per public key, in the registry) keep a captured
-initiation refused after the peer is removed and added again, disabled and enabled, or the hub
-restarts.
+one row a second, and one log line per LOG_EVERY. The timestamps (per public key, in the
+registry) keep a captured initiation refused after the peer is removed and added again,
+disabled and enabled, or the hub restarts.
 """
 
 from __future__ import annotations

@@ -105,7 +105,8 @@ class Peer:
                 raise RegistryError(f"bad site {site!s}: {exc}") from None
         self.sites = sites
         if not isinstance(self.keepalive, int) or not 0 <= self.keepalive <= 65535:
-            raise RegistryError(f"keepalive must be 0 (off) to 65535 seconds, not {self.keepalive!r}")
+            raise RegistryError("keepalive must be 0 (off) to 65535 seconds, not"
+                                f" {self.keepalive!r}")
         self.full_tunnel, self.disabled = bool(self.full_tunnel), bool(self.disabled)
         if self.expires is not None and not isinstance(self.expires, int):
             raise RegistryError(f"expiry must be unix seconds, not {self.expires!r}")
@@ -127,7 +128,8 @@ class Registry(abc.ABC):
     """What the hub and pytun-admin need from a peer store (SQLite now, PostgreSQL later)."""
 
     @abc.abstractmethod
-    def add(self, peer: Peer, *, subnet: IPNetwork | None = None, reserved: set = frozenset()) -> None:
+    def add(self, peer: Peer, *, subnet: IPNetwork | None = None,
+            reserved: set = frozenset()) -> None:
         """Store a new peer. With `subnet`, its address must be a free host of that subnet."""
 
     @abc.abstractmethod
@@ -337,7 +339,8 @@ class SqliteRegistry(Registry):
         self._lock = threading.Lock()
         self._commits = 0
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                       timeout=5.0)
         except sqlite3.Error as exc:
             raise RegistryError(f"cannot open {path}: {exc}") from None
         try:
@@ -436,7 +439,8 @@ class SqliteRegistry(Registry):
                 for site in map(ipaddress.ip_network, json.loads(sites)):
                     for mine in peer.sites:
                         if mine.version == site.version and mine.overlaps(site):
-                            raise RegistryError(f"site {mine} overlaps site {site} of peer {other!r}")
+                            raise RegistryError(f"site {mine} overlaps site {site} of peer"
+                                                f" {other!r}")
             values = (peer.name, peer.public_key, str(peer.address),
                       json.dumps([str(s) for s in peer.sites]), int(peer.full_tunnel),
                       peer.keepalive, int(peer.disabled), int(peer.created), peer.preshared_key,
@@ -461,7 +465,8 @@ class SqliteRegistry(Registry):
         def delete(db):
             nonlocal name
             name = self._must_exist(db, name)
-            row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM peers WHERE name = ?", (name,)).fetchone()
+            row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM peers WHERE name = ?",
+                             (name,)).fetchone()
             db.execute("DELETE FROM peers WHERE name = ?", (name,))
             return _to_peer(row)
 
@@ -680,7 +685,8 @@ class SqliteRegistry(Registry):
     # -- handshake replay state and batched endpoint notes --------------------------------------
 
     def handshake_timestamps(self) -> dict[str, bytes]:
-        return {k: bytes(t) for k, t in self._read("SELECT public_key, tai64n FROM handshake_timestamps")}
+        rows = self._read("SELECT public_key, tai64n FROM handshake_timestamps")
+        return {k: bytes(t) for k, t in rows}
 
     def raise_handshake_timestamps(self, items) -> None:
         rows = [(public_key, bytes(t)) for public_key, t in items]
@@ -693,7 +699,8 @@ class SqliteRegistry(Registry):
         def upsert(db):
             # max() of two BLOBs compares bytes: TAI64N is big-endian, so that is time order.
             db.executemany("INSERT INTO handshake_timestamps (public_key, tai64n) VALUES (?, ?) "
-                           "ON CONFLICT(public_key) DO UPDATE SET tai64n = max(tai64n, excluded.tai64n)",
+                           "ON CONFLICT(public_key) DO UPDATE SET"
+                           " tai64n = max(tai64n, excluded.tai64n)",
                            rows)
 
         self._write(upsert, peer_set_changed=False)

@@ -17,7 +17,8 @@ import os
 import re
 import stat
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
+from ipaddress import (IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface,
+                       IPv6Network)
 
 from pytun.common import config, files, keys
 
@@ -138,7 +139,8 @@ class HubSettings:
         if not isinstance(self.expiry_warning, int) or not 0 <= self.expiry_warning <= 10**9:
             raise StateError(f"expiry warning must be 0 or more seconds, not"
                              f" {self.expiry_warning!r}")
-        if (not isinstance(self.under_load_threshold, int) or isinstance(self.under_load_threshold, bool)
+        if (not isinstance(self.under_load_threshold, int)
+                or isinstance(self.under_load_threshold, bool)
                 or not 1 <= self.under_load_threshold <= 1_000_000):
             raise StateError(f"under-load threshold must be from 1 to 1000000 handshakes a "
                              f"second, not {self.under_load_threshold!r}")
@@ -183,7 +185,8 @@ class HubSettings:
             raise StateError(f"{where} must hold a JSON object")
         version = d.pop("version", SETTINGS_VERSION)
         if version != SETTINGS_VERSION:
-            raise StateError(f"{where} has version {version!r}; this pytun reads {SETTINGS_VERSION}")
+            raise StateError(f"{where} has version {version!r}; this pytun reads"
+                             f" {SETTINGS_VERSION}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -224,7 +227,8 @@ def init_state(state_dir: str, settings: HubSettings, *, private_key: bytes | No
     """
     for name in (SETTINGS_FILE, PRIVATE_KEY_FILE, REGISTRY_FILE):
         if os.path.exists(os.path.join(state_dir, name)):
-            raise StateError(f"{state_dir} is already initialised; refusing to overwrite ({name} exists)")
+            raise StateError(f"{state_dir} is already initialised; refusing to overwrite"
+                             f" ({name} exists)")
     created: list[str] = []
     try:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -259,7 +263,8 @@ def load_private_key(state_dir: str) -> bytes:
     with os.fdopen(fd, encoding="ascii", errors="replace") as f:
         mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
         if mode & 0o077:
-            raise StateError(f"{path} is readable by others (mode {mode:04o}); run chmod 600 {path}")
+            raise StateError(f"{path} is readable by others (mode {mode:04o}); run chmod 600"
+                             f" {path}")
         text = f.read()
     try:
         return keys.parse_private(text, "hub private key")

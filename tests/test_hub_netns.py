@@ -159,7 +159,7 @@ except socket.timeout:
 def test_roaming_mid_transfer_moves_the_endpoint(net):
     hub, laptops, _ = net
     ns, laptop = laptops["alice"]
-    dev = [l for l in ns.ip_json("addr show") if l["ifname"].startswith("vb")][0]["ifname"]
+    dev = [x for x in ns.ip_json("addr show") if x["ifname"].startswith("vb")][0]["ifname"]
     old = [a["local"] for a in ns.ip_json("addr show dev", dev)[0]["addr_info"]][0]
     new = old.rsplit(".", 1)[0] + "." + str(int(old.rsplit(".", 1)[1]) + 1)
     hub_side = old.rsplit(".", 1)[0] + "." + str(int(old.rsplit(".", 1)[1]) - 1)
