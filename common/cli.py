@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from typing import Any, Callable, Iterator
 
 
 def sole_error(exc: BaseException) -> BaseException:
@@ -27,7 +28,7 @@ def sole_error(exc: BaseException) -> BaseException:
 
 
 @contextlib.contextmanager
-def unwrapped():
+def unwrapped() -> Iterator[None]:
     """Re-raise an exception group that holds one error as that error."""
     try:
         yield
@@ -43,7 +44,8 @@ def describe_os_error(exc: OSError) -> str:
     return f"{exc.strerror or exc}{where}"
 
 
-def run(prog: str, fn, args, expected: tuple) -> int:
+def run(prog: str, fn: Callable[[Any], int], args: Any,
+        expected: tuple[type[BaseException], ...]) -> int:
     """fn(args)'s exit code; an expected error, an OSError or Ctrl-C becomes one stderr line,
     also when it comes out of a trio nursery in an exception group."""
     try:

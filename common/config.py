@@ -24,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
+from typing import Any
 from ipaddress import (IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface,
                        IPv6Network)
 
@@ -203,7 +204,7 @@ def _set_interface(iface: InterfaceConfig, key: str, value: str) -> None:
         raise KeyError(key)
 
 
-def _set_peer(peer: dict, key: str, value: str) -> None:
+def _set_peer(peer: dict[str, Any], key: str, value: str) -> None:
     if key == "publickey":
         peer["public_key"] = keys.parse_public(value, "PublicKey")
     elif key == "presharedkey":
@@ -232,7 +233,7 @@ def parse(text: str, path: str = "<config>", *, require_private_key: bool = True
     """Parse wg-quick text. `path` only names the source in error messages."""
     iface: InterfaceConfig | None = None
     iface_line = 0
-    peers: list[tuple[int, dict]] = []
+    peers: list[tuple[int, dict[str, Any]]] = []
     section: str | None = None
     seen: dict[str, int] = {}
 
@@ -269,6 +270,7 @@ def parse(text: str, path: str = "<config>", *, require_private_key: bool = True
         seen[lkey] = lineno
         try:
             if section == "interface":
+                assert iface is not None  # section "interface" made it
                 _set_interface(iface, lkey, value)
             else:
                 _set_peer(peers[-1][1], lkey, value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+from typing import Any, Callable
 
 from .crypto import HASH, LABEL_COOKIE, LABEL_MAC1, MAC, XAEAD, XAEAD_open, CryptoFailure
 from .wire import CookieReply
@@ -16,23 +17,26 @@ from .wire import CookieReply
 COOKIE_SECRET_MAX_AGE = 120.0
 COOKIE_REFRESH_TIME = 120.0 - 5.0  # an initiator stops using a cookie a little before it rotates
 ZERO16 = bytes(16)
+Endpoint = tuple[Any, ...]  # a socket address: (host, port) or (host, port, flowinfo, scope)
 
 
-def source_bytes(endpoint) -> bytes:
+def source_bytes(endpoint: Endpoint) -> bytes:
     """A stable byte form of a UDP source (IP address then port) to bind a cookie to it."""
-    host, port = endpoint[0], endpoint[1]
-    return ipaddress.ip_address(host.split("%", 1)[0]).packed + port.to_bytes(2, "big")
+    host: str = endpoint[0]
+    port: int = endpoint[1]
+    packed: bytes = ipaddress.ip_address(host.split("%", 1)[0]).packed
+    return packed + port.to_bytes(2, "big")
 
 
 class CookieChecker:
     __slots__ = ("_mac1_key", "_cookie_key", "_secret", "_secret_born", "_rng")
 
-    def __init__(self, local_static_public: bytes, rng):
+    def __init__(self, local_static_public: bytes, rng: Callable[[int], bytes]):
         self._mac1_key = HASH(LABEL_MAC1 + local_static_public)
         self._cookie_key = HASH(LABEL_COOKIE + local_static_public)
         self._rng = rng
         self._secret = b""
-        self._secret_born = None
+        self._secret_born: float | None = None
 
     def check_mac1(self, msg: bytes, mac1_offset: int) -> bool:
         # msg.mac1 := MAC(HASH(LABEL_MAC1 || Spub_m'), msg_alpha)
@@ -75,9 +79,9 @@ class CookieGenerator:
     def __init__(self, remote_static_public: bytes):
         self._mac1_key = HASH(LABEL_MAC1 + remote_static_public)
         self._cookie_key = HASH(LABEL_COOKIE + remote_static_public)
-        self._cookie = None
+        self._cookie: bytes | None = None
         self._cookie_born = 0.0
-        self._last_mac1 = None
+        self._last_mac1: bytes | None = None
 
     def add_macs(self, msg_alpha: bytes, now: float) -> bytes:
         mac1 = MAC(self._mac1_key, msg_alpha)
@@ -115,20 +119,20 @@ class RateLimiter:
     MAX_SOURCES = 1 << 14
     __slots__ = ("_buckets", "_last_gc")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._buckets: dict[bytes, list[float]] = {}
         self._last_gc = 0.0
 
     @staticmethod
-    def _key(endpoint) -> bytes:
-        packed = ipaddress.ip_address(endpoint[0].split("%", 1)[0]).packed
+    def _key(endpoint: Endpoint) -> bytes:
+        packed: bytes = ipaddress.ip_address(endpoint[0].split("%", 1)[0]).packed
         if len(packed) == 16:
             if packed[:12] == b"\0" * 10 + b"\xff\xff":
                 return packed[12:]
             return packed[:8]
         return packed
 
-    def allow(self, endpoint, now: float) -> bool:
+    def allow(self, endpoint: Endpoint, now: float) -> bool:
         key = self._key(endpoint)
         bucket = self._buckets.get(key)
         if bucket is None:

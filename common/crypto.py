@@ -123,7 +123,7 @@ def AEAD(key: bytes, counter: int, plaintext: bytes, ad: bytes) -> bytes:
     out = _ffi.new(_UCHARS, size + TAG_LEN)
     _lib.crypto_aead_chacha20poly1305_ietf_encrypt(out, _ffi.NULL, plaintext, size, ad, len(ad),
                                                     _ffi.NULL, _NONCE.pack(counter), key)
-    return _ffi.buffer(out)[:]
+    return bytes(_ffi.buffer(out))
 
 
 def AEAD_open(key: bytes, counter: int, ciphertext: bytes, ad: bytes) -> bytes:
@@ -139,7 +139,7 @@ def AEAD_open(key: bytes, counter: int, ciphertext: bytes, ad: bytes) -> bytes:
         raise CryptoFailure("AEAD authentication failed") from exc
     if failed:
         raise CryptoFailure("AEAD authentication failed")
-    return _ffi.buffer(out)[:]
+    return bytes(_ffi.buffer(out))
 
 
 def XAEAD(key: bytes, nonce24: bytes, plaintext: bytes, ad: bytes) -> bytes:
@@ -162,7 +162,7 @@ def DH(private: bytes, public: bytes) -> bytes:
     out = _ffi.new(_UCHARS, KEY_LEN)
     if _lib.crypto_scalarmult(out, private, public) != 0:
         raise CryptoFailure("X25519 failed (low-order point)")
-    shared = _ffi.buffer(out)[:]
+    shared = bytes(_ffi.buffer(out))
     if _hmac.compare_digest(shared, EMPTY32):
         raise CryptoFailure("X25519 gave the zero point")
     return shared
@@ -174,7 +174,7 @@ def DH_pubkey(private: bytes) -> bytes:
     out = _ffi.new(_UCHARS, KEY_LEN)
     if _lib.crypto_scalarmult_base(out, bytes(private)) != 0:
         raise CryptoFailure("X25519 failed")
-    return _ffi.buffer(out)[:]
+    return bytes(_ffi.buffer(out))
 
 
 def clamp(key: bytes) -> bytes:
@@ -195,7 +195,8 @@ class SessionCipher:
     def seal(self, counter: int, plaintext: bytes) -> bytes:
         return self._aead.encrypt(_NONCE.pack(counter), plaintext, None)
 
-    def seal_into(self, counter: int, plaintext, out: bytearray, offset: int = 16) -> None:
+    def seal_into(self, counter: int, plaintext: bytes | bytearray | memoryview, out: bytearray,
+                  offset: int = 16) -> None:
         """Seal into `out` from `offset` on (len(plaintext) + 16 bytes), saving a copy."""
         self._aead.encrypt_into(_NONCE.pack(counter), plaintext, None,
                                 memoryview(out)[offset:offset + len(plaintext) + TAG_LEN])

@@ -26,7 +26,8 @@ def initial_state(responder_static: bytes, prologue: bytes = IDENTIFIER) -> tupl
 
 
 def create_initiation(ck: bytes, h: bytes, *, static_public: bytes, static_static: bytes,
-                      responder_static: bytes, ephemeral_private: bytes, payload: bytes):
+                      responder_static: bytes, ephemeral_private: bytes,
+                      payload: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes]:
     """Message 1 (-> e, es, s, ss). Returns (e_pub, encrypted_static, encrypted_payload, ck, h).
 
     `static_static` is DH(Spriv_i, Spub_r), precomputed per peer.
@@ -49,7 +50,7 @@ def create_initiation(ck: bytes, h: bytes, *, static_public: bytes, static_stati
 
 
 def consume_initiation_static(ck: bytes, h: bytes, *, static_private: bytes, e_pub: bytes,
-                              encrypted_static: bytes):
+                              encrypted_static: bytes) -> tuple[bytes, bytes, bytes]:
     """First half of reading message 1: returns (initiator static public key, ck, h)."""
     ck = KDF1(ck, e_pub)
     h = HASH(h + e_pub)
@@ -61,7 +62,7 @@ def consume_initiation_static(ck: bytes, h: bytes, *, static_private: bytes, e_p
 
 
 def consume_initiation_payload(ck: bytes, h: bytes, *, static_static: bytes,
-                               encrypted_payload: bytes):
+                               encrypted_payload: bytes) -> tuple[bytes, bytes, bytes]:
     """Second half, once the peer is known: returns (payload, ck, h)."""
     # (Cr, k) := KDF2(Cr, DH(Spriv_r, Spub_i))
     ck, k = KDF2(ck, static_static)
@@ -71,7 +72,8 @@ def consume_initiation_payload(ck: bytes, h: bytes, *, static_static: bytes,
 
 
 def create_response(ck: bytes, h: bytes, *, ephemeral_private: bytes, initiator_ephemeral: bytes,
-                    initiator_static: bytes, psk: bytes = EMPTY_PSK, payload: bytes = b""):
+                    initiator_static: bytes, psk: bytes = EMPTY_PSK,
+                    payload: bytes = b"") -> tuple[bytes, bytes, bytes, bytes]:
     """Message 2 (<- e, ee, se, psk). Returns (e_pub, encrypted_payload, ck, h)."""
     e_pub = DH_pubkey(ephemeral_private)
     # Cr := KDF1(Cr, Epub_r); Hr := HASH(Hr || Epub_r)
@@ -91,7 +93,7 @@ def create_response(ck: bytes, h: bytes, *, ephemeral_private: bytes, initiator_
 
 def consume_response(ck: bytes, h: bytes, *, ephemeral_private: bytes, static_private: bytes,
                      responder_ephemeral: bytes, encrypted_payload: bytes,
-                     psk: bytes = EMPTY_PSK):
+                     psk: bytes = EMPTY_PSK) -> tuple[bytes, bytes, bytes]:
     """Read message 2 as the initiator. Returns (payload, ck, h)."""
     ck = KDF1(ck, responder_ephemeral)
     h = HASH(h + responder_ephemeral)

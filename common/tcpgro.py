@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import struct
 
+Packet = bytes | bytearray | memoryview
+
 VNET_HDR_LEN = 10
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
 VIRTIO_NET_HDR_GSO_TCPV4 = 1
@@ -28,7 +30,7 @@ _TCP_ACK, _TCP_PSH = 0x10, 0x08
 _ACK_FLAGS = frozenset((_TCP_ACK, _TCP_ACK | _TCP_PSH))
 
 
-def _mergeable(p) -> int:
+def _mergeable(p: Packet) -> int:
     """TCP payload length if `p` is an IPv4 TCP segment that may be coalesced, else -1."""
     n = len(p)
     if n < 40 or p[0] != 0x45 or p[9] != 6:
@@ -40,7 +42,7 @@ def _mergeable(p) -> int:
     doff = (p[32] >> 4) * 4
     if doff < 20 or 20 + doff > n or p[33] & ~(_TCP_ACK | _TCP_PSH) or not p[33] & _TCP_ACK:
         return -1
-    return n - 20 - doff
+    return int(n - 20 - doff)
 
 
 _IP_WORDS = struct.Struct("!10H")  # an IPv4 header without options, as 16-bit words
@@ -54,7 +56,7 @@ def _fold(total: int) -> int:
     return total
 
 
-def _merged_header(first, last, doff: int, total: int) -> bytes:
+def _merged_header(first: Packet, last: Packet, doff: int, total: int) -> bytes:
     hdr = bytearray(first[:20 + doff])
     hdr[2:4] = total.to_bytes(2, "big")
     hdr[10:12] = b"\0\0"
@@ -66,10 +68,10 @@ def _merged_header(first, last, doff: int, total: int) -> bytes:
     return bytes(hdr)
 
 
-def plan(packets: list) -> list:
+def plan(packets: list[Packet]) -> list[list[Packet]]:
     """What to write for `packets`, in order: a list of iovecs (lists of buffers), each one
     TUN write: [PLAIN, packet] alone, or [vnet GSO header, IP+TCP header, payloads...]."""
-    out = []
+    out: list[list[Packet]] = []
     append = out.append
     i, n = 0, len(packets)
     while i < n:
@@ -111,7 +113,7 @@ def plan(packets: list) -> list:
             continue
         vnet = _VNET.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, hlen, size,
                           20, 16)
-        iov = [vnet, _merged_header(p, packets[j - 1], hlen - 20, total)]
+        iov: list[Packet] = [vnet, _merged_header(p, packets[j - 1], hlen - 20, total)]
         iov.extend([q[hlen:] for q in packets[i:j]])  # a copy costs less than a view here
         append(iov)
         i = j

@@ -8,6 +8,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+Buffer = bytes | bytearray | memoryview
+
 MSG_INITIATION = 1
 MSG_RESPONSE = 2
 MSG_COOKIE_REPLY = 3
@@ -82,7 +84,7 @@ def message_type(data: bytes) -> int:
     n = len(data)
     if n < 4:
         raise BadPacket("short")
-    t = _U32.unpack_from(data, 0)[0]
+    t: int = _U32.unpack_from(data, 0)[0]
     if t == MSG_TRANSPORT:
         if n < TRANSPORT_MIN_LEN:
             raise BadPacket("bad_length")
@@ -129,21 +131,21 @@ def parse_cookie_reply(data: bytes) -> CookieReply:
     return CookieReply(*fields)
 
 
-def parse_transport_header(data) -> tuple[int, int]:
+def parse_transport_header(data: Buffer) -> tuple[int, int]:
     """(receiver index, counter) of a transport message."""
     if len(data) < TRANSPORT_MIN_LEN:
         raise BadPacket("bad_length")
     t, receiver, counter = _TRANSPORT_HDR.unpack_from(data, 0)
     if t != MSG_TRANSPORT:
         raise BadPacket("bad_type")
-    return receiver, counter
+    return int(receiver), int(counter)
 
 
 def pack_transport_header(receiver: int, counter: int) -> bytes:
     return _TRANSPORT_HDR.pack(MSG_TRANSPORT, receiver, counter)
 
 
-def ip_packet_length(packet) -> int:
+def ip_packet_length(packet: Buffer) -> int:
     """The length an IPv4/IPv6 header claims, or -1 if `packet` is not a plausible IP packet.
 
     Used on decrypted payloads to strip WireGuard's zero padding.
@@ -153,12 +155,12 @@ def ip_packet_length(packet) -> int:
         return -1
     version = packet[0] >> 4
     if version == 4:
-        length = (packet[2] << 8) | packet[3]
+        length: int = (packet[2] << 8) | packet[3]
         if length < 20 or length > n:
             return -1
         return length
     if version == 6 and n >= 40:
-        length = 40 + ((packet[4] << 8) | packet[5])
+        length = 40 + ((packet[4] << 8) | packet[5])  # typed above
         if length > n:
             return -1
         return length
