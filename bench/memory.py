@@ -331,7 +331,8 @@ def server_rss(rows: int = 10_000, sessions: int = 1_000, timeout: float = 55.0)
     """
     from bench.rig import BenchError, PytunHub
     from pytun.common import keys
-    from pytun.server import control, state
+    from pytun.common import control
+    from pytun.server import state
     from tests.netns import Topology
 
     if not 0 <= sessions <= rows:

@@ -24,7 +24,7 @@ import time
 
 from pytun.common import config as wgconfig
 from pytun.common import keys
-from pytun.server import control
+from pytun.common import control
 from tests.hubnet import OurLaptop, WgGoLaptop, write_config
 from tests.netns import Netns, Topology, ping, unique, wait_until
 

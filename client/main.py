@@ -25,9 +25,8 @@ import time
 
 import trio
 
-from ..common import __version__, cli, config, linux
-from ..server import control
-from ..server.admin import human_ago, human_bytes
+from ..common import __version__, cli, config, control, linux
+from ..common.cli import human_ago, human_bytes
 from . import routes, tunnel
 from .tunnel import TunnelError
 

@@ -6,7 +6,7 @@
           routes and rules, DNS. Runs until SIGTERM, SIGINT or SIGHUP, then undoes all of it.
     state RUN_DIR/IFACE.json records the PID and everything set up, written before each
           step is carried out, so `down` can undo it after a SIGKILL; RUN_DIR/IFACE.sock
-          answers `get=1` (server/control.py's protocol) for `status`.
+          answers `get=1` (common/control.py's protocol) for `status`.
 
 Handshakes, keepalives and rekeying are the engine's. On top of it the client re-resolves a
 host-name endpoint while handshakes go unanswered (after 15 s, and when the engine gives up),
@@ -29,12 +29,11 @@ import subprocess
 
 import trio
 
-from ..common import files, keys, linux
+from ..common import control, files, keys, linux
 from ..common.config import WgConfig
 from ..common.device import Device
 from ..common.driver import Driver, endpoint_for, format_endpoint, open_udp
 from ..common.peer import REKEY_TIMEOUT
-from ..server import control
 from . import dns, routes
 
 log = logging.getLogger("pytun")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from typing import Any, Callable, Iterator
 
 
@@ -59,3 +60,28 @@ def run(prog: str, fn: Callable[[Any], int], args: Any,
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 1
+
+
+def human_ago(then: int | None, now: float | None = None) -> str:
+    """'never', 'now', '1 minute, 3 seconds ago', as wg(8) shows a handshake."""
+    if not then:
+        return "never"
+    delta = int((time.time() if now is None else now) - then)
+    if delta <= 0:
+        return "now"
+    parts = []
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        n, delta = divmod(delta, size)
+        if n:
+            parts.append(f"{n} {unit}{'s' if n != 1 else ''}")
+    return ", ".join(parts) + " ago"
+
+
+def human_bytes(n: int) -> str:
+    """'512 B', '1.50 KiB', '5.00 GiB'."""
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            return f"{n} B" if n < 1024 else f"{value:.2f} {unit}"
+    raise AssertionError

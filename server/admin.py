@@ -21,9 +21,10 @@ import stat
 import sys
 import time
 
-from pytun.common import __version__, cli, config, keys
+from pytun.common import __version__, cli, config, control, keys
+from pytun.common.cli import human_ago, human_bytes
 
-from . import control, migrate, policy, state
+from . import migrate, policy, state
 from .policy import PolicyError
 from .registry import Peer, RegistryError, SqliteRegistry
 
@@ -370,29 +371,6 @@ def cmd_list_peers(args) -> int:
     else:
         print("no peers; add one with pytun-admin add-peer NAME", file=sys.stderr)
     return 0
-
-
-def human_ago(then: int | None, now: float | None = None) -> str:
-    """'never', 'now', '1 minute, 3 seconds ago', as wg(8) shows a handshake."""
-    if not then:
-        return "never"
-    delta = int((time.time() if now is None else now) - then)
-    if delta <= 0:
-        return "now"
-    parts = []
-    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
-        n, delta = divmod(delta, size)
-        if n:
-            parts.append(f"{n} {unit}{'s' if n != 1 else ''}")
-    return ", ".join(parts) + " ago"
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def cmd_show(args) -> int:

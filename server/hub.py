@@ -25,10 +25,10 @@ import time
 
 import trio
 
-from ..common import keys, linux
+from ..common import control, keys, linux
 from ..common.device import Device
 from ..common.driver import Driver, endpoint_for, format_endpoint, open_udp
-from . import control, firewall, nat, policy, state
+from . import firewall, nat, policy, state
 from .registry import Registry, RegistryError
 
 log = logging.getLogger("pytun")

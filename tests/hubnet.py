@@ -111,7 +111,7 @@ s.sendto(data, addr)
 
 _REQUEST = """
 import json, sys
-from pytun.server import control
+from pytun.common import control
 print(json.dumps(control.request(sys.argv[1], [(sys.argv[2], "1")])))
 """
 

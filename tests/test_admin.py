@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from pytun.common import __version__, config, keys
-from pytun.server import admin, control, state
+from pytun.common import __version__, cli, config, control, keys
+from pytun.server import admin, state
 
 from .test_control import Server
 
@@ -245,13 +245,13 @@ def test_version_and_help(capsys):
 
 
 def test_human_units():
-    assert admin.human_ago(None) == "never"
-    assert admin.human_ago(100, now=112) == "12 seconds ago"
-    assert admin.human_ago(100, now=163) == "1 minute, 3 seconds ago"
-    assert admin.human_ago(100, now=100 + 86400 + 7200) == "1 day, 2 hours ago"
-    assert admin.human_bytes(0) == "0 B"
-    assert admin.human_bytes(1536) == "1.50 KiB"
-    assert admin.human_bytes(5 * 1024**3) == "5.00 GiB"
+    assert cli.human_ago(None) == "never"
+    assert cli.human_ago(100, now=112) == "12 seconds ago"
+    assert cli.human_ago(100, now=163) == "1 minute, 3 seconds ago"
+    assert cli.human_ago(100, now=100 + 86400 + 7200) == "1 day, 2 hours ago"
+    assert cli.human_bytes(0) == "0 B"
+    assert cli.human_bytes(1536) == "1.50 KiB"
+    assert cli.human_bytes(5 * 1024**3) == "5.00 GiB"
 
 
 def test_ipv6_subnet(tmp_path, capsys):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pytun.common import config
-from pytun.server import control, state
+from pytun.common import control
+from pytun.server import state
 from pytun.server.registry import RegistryError, check_name
 
 

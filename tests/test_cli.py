@@ -120,3 +120,13 @@ def test_client_up_with_a_missing_config_exits_1_with_one_line(tmp_path):
     assert done.returncode == 1
     assert len(done.stderr.splitlines()) == 1, done.stderr
     assert done.stderr.startswith("pytun-client: error: ") and "nowhere.conf" in done.stderr
+
+
+def test_the_laptop_client_never_needs_hub_code():
+    """pytun-client imports nothing from server/: a laptop's install could leave it out."""
+    code = ("import sys; import pytun.client.main, pytun.client.tunnel, pytun.client.routes;"
+            " print(sorted(m for m in sys.modules if m.startswith('pytun.server')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -751,7 +751,7 @@ conn.close()
 
 STATS = """
 import sys
-from pytun.server import control
+from pytun.common import control
 print(control.request(sys.argv[1], [("stats", "1")]))
 """
 

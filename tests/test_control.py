@@ -9,8 +9,8 @@ import threading
 import pytest
 import trio
 
-from pytun.server import control
-from pytun.server.control import ControlError, HubNotRunning
+from pytun.common import control
+from pytun.common.control import ControlError, HubNotRunning
 
 
 def test_parse_request():

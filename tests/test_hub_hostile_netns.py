@@ -90,7 +90,7 @@ print(replies, s.getsockname()[1])
 # Times `get` on the control socket over and over until told to stop (stdin closes).
 POLLER = r"""
 import json, sys, threading, time
-from pytun.server import control
+from pytun.common import control
 stop = threading.Event()
 threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
 times = []
