@@ -27,8 +27,8 @@ import trio
 
 from ..common import __version__, cli, config, control, linux
 from ..common.cli import human_ago, human_bytes
-from . import routes, tunnel
-from .tunnel import TunnelError
+from . import routes, runtime, tunnel
+from .runtime import TunnelError
 
 PROG = "pytun-client"
 STOP_TIMEOUT = 15.0  # seconds `down` waits for a running client to undo its own set-up
@@ -172,17 +172,17 @@ def cmd_up(args) -> int:
     cfg = load_config(args.config)
     ifname = check_interface(args.interface) if args.interface else interface_from_path(args.config)
     check_privileges()
-    directory = tunnel.run_dir()
-    tunnel.ensure_run_dir(directory)
-    old = tunnel.read_state(tunnel.state_path(ifname, directory))
+    directory = runtime.run_dir()
+    runtime.ensure_run_dir(directory)
+    old = runtime.read_state(runtime.state_path(ifname, directory))
     if old is not None:
-        if tunnel.is_running(old):
+        if runtime.is_running(old):
             raise ClientError(f"{ifname} is already up (pid {old['pid']}); "
                               f"run `pytun-client down {ifname}` first")
         log.info("cleaning up after an earlier %s that did not stop cleanly", ifname)
-        for problem in tunnel.undo_recorded(old):
+        for problem in runtime.undo_recorded(old):
             log.warning("%s", problem)
-        _remove(tunnel.state_path(ifname, directory))
+        _remove(runtime.state_path(ifname, directory))
     if not cfg.peers[0].allowed_ips:
         log.warning("no AllowedIPs in %s: nothing will go through the tunnel", args.config)
     t = tunnel.Tunnel(cfg, ifname, args.config, directory)
@@ -213,7 +213,7 @@ def find_tunnel(target: str, directory: str) -> tuple[str, dict | None]:
         path = os.path.abspath(target)
         for state_file in sorted(glob.glob(os.path.join(directory, "*.json"))):
             try:
-                state = tunnel.read_state(state_file)
+                state = runtime.read_state(state_file)
             except TunnelError:
                 continue
             if state and state.get("config") == path:
@@ -221,12 +221,12 @@ def find_tunnel(target: str, directory: str) -> tuple[str, dict | None]:
         ifname = interface_from_path(target)
     else:
         ifname = check_interface(target)
-    return ifname, tunnel.read_state(tunnel.state_path(ifname, directory))
+    return ifname, runtime.read_state(runtime.state_path(ifname, directory))
 
 
 def _wait_gone(state: dict, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while tunnel.is_running(state):
+    while runtime.is_running(state):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
@@ -240,13 +240,13 @@ def kept_after_failure(state: dict, environ=os.environ) -> str | None:
     shell removes them. Returns the failure, or None when `down` should undo everything."""
     result = environ.get("SERVICE_RESULT")
     plan = state.get("plan") or {}
-    if result and result != "success" and plan.get("full_tunnel") and not tunnel.is_running(state):
+    if result and result != "success" and plan.get("full_tunnel") and not runtime.is_running(state):
         return result
     return None
 
 
 def cmd_down(args) -> int:
-    directory = tunnel.run_dir()
+    directory = runtime.run_dir()
     ifname, state = find_tunnel(args.target, directory)
     if state is None:
         raise ClientError(f"{ifname} is not up (nothing in {directory})")
@@ -256,7 +256,7 @@ def cmd_down(args) -> int:
                     "is refused) until it starts again or `pytun-client down %s` from a shell",
                     ifname, failure, ifname)
         return 0
-    if tunnel.is_running(state):
+    if runtime.is_running(state):
         pid = state["pid"]
         log.info("stopping %s (pid %d)", ifname, pid)
         try:
@@ -276,28 +276,28 @@ def cmd_down(args) -> int:
         log.info("%s was not stopped cleanly (pid %s is gone); removing what it set up",
                  ifname, state.get("pid"))
     # After a clean stop the client removed its state itself; otherwise undo what it recorded.
-    leftover = tunnel.read_state(tunnel.state_path(ifname, directory))
+    leftover = runtime.read_state(runtime.state_path(ifname, directory))
     if leftover is not None:
-        for problem in tunnel.undo_recorded(leftover):
+        for problem in runtime.undo_recorded(leftover):
             log.warning("%s", problem)
-        _remove(tunnel.state_path(ifname, directory))
-    _remove(tunnel.socket_path(ifname, directory))
+        _remove(runtime.state_path(ifname, directory))
+    _remove(runtime.socket_path(ifname, directory))
     log.info("%s is down", ifname)
     return 0
 
 
 def _status_of(ifname: str, directory: str) -> dict:
-    state = tunnel.read_state(tunnel.state_path(ifname, directory))
+    state = runtime.read_state(runtime.state_path(ifname, directory))
     if state is None:
         raise ClientError(f"{ifname} is not up")
-    if not tunnel.is_running(state):
+    if not runtime.is_running(state):
         raise ClientError(f"{ifname} is not running (pid {state.get('pid')} is gone); "
                           f"`pytun-client down {ifname}` cleans up after it")
     try:
-        pairs = control.request(tunnel.socket_path(ifname, directory), [("get", "1")])
+        pairs = control.request(runtime.socket_path(ifname, directory), [("get", "1")])
     except control.HubNotRunning:
         raise ClientError(f"{ifname} (pid {state['pid']}) does not answer on "
-                          f"{tunnel.socket_path(ifname, directory)}") from None
+                          f"{runtime.socket_path(ifname, directory)}") from None
     except control.ControlError as exc:
         raise ClientError(f"{ifname}: {exc}") from None
     out: dict = {}
@@ -325,7 +325,7 @@ def format_status(s: dict, now: float | None = None) -> str:
 
 
 def cmd_status(args) -> int:
-    directory = tunnel.run_dir()
+    directory = runtime.run_dir()
     if args.interface:
         names = [check_interface(args.interface)]
     else:

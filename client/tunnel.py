@@ -16,185 +16,35 @@ among several is left behind without a restart.
 
 from __future__ import annotations
 
-import errno
 import inspect
-import ipaddress
-import json
 import logging
 import os
-import shutil
 import signal
 import socket
-import subprocess
 
 import trio
 
-from ..common import control, files, keys, linux
+from ..common import control, keys, linux
 from ..common.config import WgConfig
 from ..common.device import Device
 from ..common.driver import Driver, endpoint_for, format_endpoint, open_udp
 from ..common.peer import REKEY_TIMEOUT
-from . import dns, routes
+from . import dns, hooks, routes
+from .resolve import host_of, is_ip, lookup, next_address
+from .runtime import (STATE_VERSION, TunnelError, process_start_time, socket_path, state_path,
+                      undo_recorded, write_state)
 
 log = logging.getLogger("pytun")
 
-RUN_DIR = "/run/pytun"
-STATE_VERSION = 1
 DEFAULT_MTU = 1420
 RESOLVE_RETRY = 5.0  # seconds between tries while the hub's name does not resolve
 RESOLVE_TIMEOUT = 10.0
 RERESOLVE_AFTER = 15.0  # unanswered handshakes for this long: look the name up again
 WATCH_INTERVAL = 1.0
-HOOK_TIMEOUT = 60.0  # seconds for each PreUp/PostUp/PreDown/PostDown command
 
 _ABANDON = ("abandon_on_cancel"
             if "abandon_on_cancel" in inspect.signature(trio.to_thread.run_sync).parameters
             else "cancellable")
-
-
-class TunnelError(Exception):
-    """The tunnel cannot come up; the message is one line for the operator."""
-
-
-# ---------------------------------------------------------------------------------- runtime files
-
-
-def run_dir() -> str:
-    return os.environ.get("PYTUN_RUN_DIR") or RUN_DIR
-
-
-def state_path(ifname: str, directory: str | None = None) -> str:
-    return os.path.join(directory or run_dir(), f"{ifname}.json")
-
-
-def socket_path(ifname: str, directory: str | None = None) -> str:
-    return os.path.join(directory or run_dir(), f"{ifname}.sock")
-
-
-def ensure_run_dir(directory: str) -> None:
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise TunnelError(f"cannot create {directory}: {exc.strerror}") from None
-
-
-def write_state(path: str, state: dict) -> None:
-    files.write_atomic(path, json.dumps(state, indent=2) + "\n")
-
-
-def read_state(path: str) -> dict | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise TunnelError(f"cannot read {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise TunnelError(f"cannot read {path}: {exc}") from None
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise TunnelError(f"{path} is not a pytun-client state file (version {STATE_VERSION})")
-    return state
-
-
-def process_start_time(pid: int) -> str | None:
-    """Field 22 of /proc/PID/stat (start time in clock ticks), or None for a gone process.
-
-    With the PID it names one process for good: a recycled PID has another start time.
-    """
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    if not fields or fields[0] in ("Z", "X"):
-        return None
-    return fields[19]
-
-
-def is_running(state: dict) -> bool:
-    pid = state.get("pid")
-    return isinstance(pid, int) and process_start_time(pid) == state.get("start_time")
-
-
-def undo_recorded(state: dict) -> list[str]:
-    """Undo what a state file records (DNS, rules, routes, nft, the link). Returns problems."""
-    ifname = state["interface"]
-    hooks = state.get("down_hooks") or {}
-    problems = run_hooks("PreDown", hooks.get("pre_down", []), ifname)
-    problem = dns.undo(state.get("dns"))
-    if problem:
-        problems.append(problem)
-    if state.get("plan"):
-        problems += routes.undo(routes.Plan.from_json(state["plan"]), ifname)
-    try:
-        if state.get("link") and linux.link_exists(ifname):
-            linux.delete_link(ifname)
-    except linux.LinuxError as exc:
-        problems.append(str(exc))
-    problems += run_hooks("PostDown", hooks.get("post_down", []), ifname)
-    return problems
-
-
-def run_hooks(kind: str, commands: list[str], ifname: str, *, stop_at_failure: bool = False
-              ) -> list[str]:
-    """wg-quick's PreUp/PostUp/PreDown/PostDown: each command through bash, in order, with %i
-    replaced by the interface name. Returns one problem line per command that failed; with
-    `stop_at_failure` (the Up hooks, as in wg-quick) the rest are then not run."""
-    shell = shutil.which("bash") or "/bin/sh"
-    problems = []
-    for command in commands:
-        command = command.replace("%i", ifname)
-        log.info("%s: %s", kind, command)
-        try:
-            done = subprocess.run([shell, "-c", command], stdin=subprocess.DEVNULL,
-                                  timeout=HOOK_TIMEOUT)
-            failed = f"exit {done.returncode}" if done.returncode else None
-        except subprocess.TimeoutExpired:
-            failed = f"still running after {HOOK_TIMEOUT:g} s"
-        except OSError as exc:
-            failed = exc.strerror or str(exc)
-        if failed:
-            problems.append(f"{kind} command failed ({failed}): {command}")
-            if stop_at_failure:
-                break
-    return problems
-
-
-# ---------------------------------------------------------------------------------- resolution
-
-
-def is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
-
-
-def lookup(host: str, port: int, family: int) -> list[str]:
-    """The addresses of `host` in getaddrinfo's order (IPv4 only on an IPv4 socket)."""
-    infos = socket.getaddrinfo(host, port, socket.AF_INET if family == socket.AF_INET else 0,
-                               socket.SOCK_DGRAM)
-    out = []
-    for fam, _, _, _, sockaddr in infos:
-        if fam in (socket.AF_INET, socket.AF_INET6) and sockaddr[0] not in out:
-            out.append(sockaddr[0])
-    return out
-
-
-def next_address(addresses: list[str], current: str | None) -> str:
-    """The address to try: after a failure at `current`, the next one the name has."""
-    if current in addresses and len(addresses) > 1:
-        return addresses[(addresses.index(current) + 1) % len(addresses)]
-    return addresses[0]
-
-
-def _host_of(endpoint) -> str | None:
-    if endpoint is None:
-        return None
-    host = endpoint[0]
-    return host[7:] if host.startswith("::ffff:") and "." in host else host
 
 
 # ---------------------------------------------------------------------------------- the tunnel
@@ -318,7 +168,7 @@ class Tunnel:
         if not addresses:
             log.warning("cannot resolve %s: no usable address%s", host, again)
             return False
-        current = _host_of(self.peer.endpoint)
+        current = host_of(self.peer.endpoint)
         chosen = addresses[0] if first else next_address(addresses, current)
         try:
             endpoint = endpoint_for(self.sock, chosen, port)
@@ -351,7 +201,7 @@ class Tunnel:
                 await trio.sleep(self.resolve_retry)
         log.info("hub at %s%s", self.hub_label,
                  "" if is_ip(host) else f" ({format_endpoint(self.peer.endpoint)})")
-        covered = routes.covering(self.peer_cfg.allowed_ips, _host_of(self.peer.endpoint))
+        covered = routes.covering(self.peer_cfg.allowed_ips, host_of(self.peer.endpoint))
         if covered is not None and covered.prefixlen > 0:
             log.warning("the hub's address is inside AllowedIPs %s: its own packets would loop "
                         "into the tunnel", covered)
@@ -485,7 +335,7 @@ class Tunnel:
                 task_status.started()
 
     def _hooks(self, kind: str, commands: list[str]) -> None:
-        problems = run_hooks(kind, commands, self.ifname, stop_at_failure=True)
+        problems = hooks.run_hooks(kind, commands, self.ifname, stop_at_failure=True)
         if problems:
             raise TunnelError(problems[0])
 
@@ -496,27 +346,24 @@ class Tunnel:
             return
 
     def teardown(self) -> list[str]:
-        """Undo everything, in reverse; safe to call twice. Returns problems."""
+        """Undo everything, in reverse, as `down` would from the state file; safe to call
+        twice. Returns problems."""
         if self._teardown_done:
             return []
         self._teardown_done = True
-        hooks = self.state.get("down_hooks") or {}
-        problems = run_hooks("PreDown", hooks.get("pre_down", []), self.ifname)
-        problem = dns.undo(self.state.get("dns"))
-        if problem:
-            problems.append(problem)
-        if self.state.get("plan"):
-            problems += routes.undo(self.plan, self.ifname)
-        if self.sock is not None:
-            self.sock.close()
-        if self.tun_fd is not None:
-            os.close(self.tun_fd)  # the TUN device goes with its last fd
-        problems += run_hooks("PostDown", hooks.get("post_down", []), self.ifname)
+        problems = undo_recorded(self.state, close=self._close) if self.state else []
         try:
             os.unlink(state_path(self.ifname, self.dir))
         except FileNotFoundError:
             pass
         except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                problems.append(f"cannot remove the state file: {exc.strerror}")
+            problems.append(f"cannot remove the state file: {exc.strerror}")
         return problems
+
+    def _close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.tun_fd is not None:
+            os.close(self.tun_fd)
+            self.tun_fd = None

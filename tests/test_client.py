@@ -20,7 +20,7 @@ import trio.testing
 from pytun.common import __version__, config, keys
 from pytun.common.device import Device
 from pytun.common.driver import open_udp
-from pytun.client import dns, main as cli, routes, tunnel
+from pytun.client import dns, hooks, main as cli, resolve, routes, runtime, tunnel
 from pytun.client.routes import MAIN_TABLE, Route, Rule
 
 N = ipaddress.ip_network
@@ -197,7 +197,7 @@ def test_down_cleans_up_after_a_dead_client(run_dir, capsys, tmp_path):
     config_path.write_text(conf())
     state = {"version": 1, "pid": dead_pid(), "start_time": "1", "interface": "alice",
              "config": str(config_path), "link": False, "plan": None, "dns": None}
-    tunnel.write_state(str(run_dir / "alice.json"), state)
+    runtime.write_state(str(run_dir / "alice.json"), state)
     assert cli.main(["status", "alice"]) == 1
     assert "is not running" in one_error(capsys)
     assert cli.main(["status"]) == 0  # all tunnels: a dead one is a line, not a failure
@@ -210,17 +210,17 @@ def test_down_cleans_up_after_a_dead_client(run_dir, capsys, tmp_path):
 
 def test_state_files(tmp_path):
     path = str(tmp_path / "x.json")
-    me = {"version": 1, "pid": os.getpid(), "start_time": tunnel.process_start_time(os.getpid())}
-    tunnel.write_state(path, me)
-    assert tunnel.read_state(path) == me
+    me = {"version": 1, "pid": os.getpid(), "start_time": runtime.process_start_time(os.getpid())}
+    runtime.write_state(path, me)
+    assert runtime.read_state(path) == me
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
-    assert tunnel.is_running(me)
-    assert not tunnel.is_running({**me, "start_time": "12"})  # a recycled PID
-    assert not tunnel.is_running({**me, "pid": dead_pid()})
-    assert tunnel.read_state(str(tmp_path / "none.json")) is None
+    assert runtime.is_running(me)
+    assert not runtime.is_running({**me, "start_time": "12"})  # a recycled PID
+    assert not runtime.is_running({**me, "pid": dead_pid()})
+    assert runtime.read_state(str(tmp_path / "none.json")) is None
     (tmp_path / "bad.json").write_text('{"version": 9}')
-    with pytest.raises(tunnel.TunnelError, match="not a pytun-client state file"):
-        tunnel.read_state(str(tmp_path / "bad.json"))
+    with pytest.raises(runtime.TunnelError, match="not a pytun-client state file"):
+        runtime.read_state(str(tmp_path / "bad.json"))
 
 
 def test_status_text():
@@ -441,13 +441,13 @@ def test_dns_without_tools_or_servers():
 
 
 def test_next_address_rotates_only_after_a_failure():
-    assert tunnel.next_address(["a", "b", "c"], None) == "a"
-    assert tunnel.next_address(["a", "b", "c"], "a") == "b"
-    assert tunnel.next_address(["a", "b", "c"], "c") == "a"
-    assert tunnel.next_address(["a"], "a") == "a"
-    assert tunnel.next_address(["b"], "a") == "b"
-    assert tunnel.is_ip("192.0.2.1") and tunnel.is_ip("[2001:db8::1]")
-    assert not tunnel.is_ip("vpn.example.com")
+    assert resolve.next_address(["a", "b", "c"], None) == "a"
+    assert resolve.next_address(["a", "b", "c"], "a") == "b"
+    assert resolve.next_address(["a", "b", "c"], "c") == "a"
+    assert resolve.next_address(["a"], "a") == "a"
+    assert resolve.next_address(["b"], "a") == "b"
+    assert resolve.is_ip("192.0.2.1") and resolve.is_ip("[2001:db8::1]")
+    assert not resolve.is_ip("vpn.example.com")
 
 
 class FakeDriver:
@@ -582,19 +582,19 @@ def test_dns_method_is_known_before_it_is_used():
 
 def test_hooks_run_in_order_with_the_interface_name_and_report_failures(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    ok = tunnel.run_hooks("PostUp", [f"echo one %i >> {out}", f"echo two %i%i >> {out}"], "wg7")
+    ok = hooks.run_hooks("PostUp", [f"echo one %i >> {out}", f"echo two %i%i >> {out}"], "wg7")
     assert ok == [] and out.read_text() == "one wg7\ntwo wg7wg7\n"
 
     failing = ["exit 3", f"echo after >> {out}"]
-    assert tunnel.run_hooks("PreDown", failing, "wg7") == ["PreDown command failed (exit 3): exit 3"]
+    assert hooks.run_hooks("PreDown", failing, "wg7") == ["PreDown command failed (exit 3): exit 3"]
     assert out.read_text().endswith("after\n")  # down hooks go on after a failure
     out.write_text("")
-    assert tunnel.run_hooks("PreUp", failing, "wg7", stop_at_failure=True) == [
+    assert hooks.run_hooks("PreUp", failing, "wg7", stop_at_failure=True) == [
         "PreUp command failed (exit 3): exit 3"]
     assert out.read_text() == ""  # up hooks stop at the first failure
 
-    monkeypatch.setattr(tunnel, "HOOK_TIMEOUT", 0.2)
-    assert tunnel.run_hooks("PostUp", ["sleep 5"], "wg7") == [
+    monkeypatch.setattr(hooks, "HOOK_TIMEOUT", 0.2)
+    assert hooks.run_hooks("PostUp", ["sleep 5"], "wg7") == [
         "PostUp command failed (still running after 0.2 s): sleep 5"]
 
 
@@ -657,11 +657,11 @@ def test_down_after_a_failure_under_systemd_keeps_a_full_tunnel_closed(run_dir, 
                                                                         monkeypatch):
     run_dir.mkdir()
     undone = []
-    monkeypatch.setattr(tunnel, "undo_recorded", lambda state: undone.append(state) or [])
+    monkeypatch.setattr(runtime, "undo_recorded", lambda state: undone.append(state) or [])
     plan = routes.plan_routes(["0.0.0.0/0", "::/0"], ["10.77.0.2/32"]).to_json()
     state = {"version": 1, "pid": dead_pid(), "start_time": "1", "interface": "alice",
              "config": "/etc/pytun/alice.conf", "link": True, "plan": plan, "dns": None}
-    tunnel.write_state(str(run_dir / "alice.json"), state)
+    runtime.write_state(str(run_dir / "alice.json"), state)
     # ExecStopPost= after a kill -9 (systemd's SERVICE_RESULT=signal): nothing is undone.
     monkeypatch.setenv("SERVICE_RESULT", "signal")
     assert cli.main(["down", "alice"]) == 0

@@ -1,0 +1,39 @@
+"""The hub's name: looked up, and moved on from while handshakes go unanswered."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def lookup(host: str, port: int, family: int) -> list[str]:
+    """The addresses of `host` in getaddrinfo's order (IPv4 only on an IPv4 socket)."""
+    infos = socket.getaddrinfo(host, port, socket.AF_INET if family == socket.AF_INET else 0,
+                               socket.SOCK_DGRAM)
+    out = []
+    for fam, _, _, _, sockaddr in infos:
+        if fam in (socket.AF_INET, socket.AF_INET6) and sockaddr[0] not in out:
+            out.append(sockaddr[0])
+    return out
+
+
+def next_address(addresses: list[str], current: str | None) -> str:
+    """The address to try: after a failure at `current`, the next one the name has."""
+    if current in addresses and len(addresses) > 1:
+        return addresses[(addresses.index(current) + 1) % len(addresses)]
+    return addresses[0]
+
+
+def host_of(endpoint) -> str | None:
+    if endpoint is None:
+        return None
+    host = endpoint[0]
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
