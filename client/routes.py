@@ -32,7 +32,6 @@ this interface's name, table or explicit rule priority.
 from __future__ import annotations
 
 import ipaddress
-import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -214,29 +213,6 @@ def dns_warning(plan: Plan, dns_servers) -> str | None:
 # ---------------------------------------------------------------------------------- reading
 
 
-def used_tables(route_lines: list[str]) -> set[int]:
-    """Routing tables named in `linux.route_dump()` lines (main, local and default included)."""
-    names = {"main": MAIN_TABLE, "local": 255, "default": 253}
-    found = set()
-    for line in route_lines:
-        m = re.search(r"\btable (\S+)", line)
-        if m:
-            word = m.group(1)
-            found.add(int(word) if word.isdigit() else names.get(word, -1))
-    return found
-
-
-def lowest_priorities(rule_lines: list[str]) -> dict[int, int]:
-    """Per family, the lowest non-zero rule priority in `linux.rule_dump()` lines."""
-    out: dict[int, int] = {}
-    for line in rule_lines:
-        m = re.match(r"inet(6?) (\d+):", line)
-        if m and int(m.group(2)) > 0:
-            fam = 6 if m.group(1) else 4
-            out[fam] = min(out.get(fam, 1 << 32), int(m.group(2)))
-    return out
-
-
 def read_src_valid_mark() -> str:
     try:
         with open(SRC_VALID_MARK) as f:
@@ -259,10 +235,10 @@ def ipv6_enabled() -> bool:
 
 def plan_for(allowed_ips, addresses, *, table=None, fwmark=None) -> Plan:
     """plan_routes with the kernel's current tables, rule priorities and sysctls."""
-    return plan_routes(allowed_ips, addresses, table=table, fwmark=fwmark,
-                       used_tables=used_tables(linux.route_dump()),
-                       lowest_priority=lowest_priorities(linux.rule_dump()),
-                       src_valid_mark=read_src_valid_mark(), ipv6=ipv6_enabled())
+    tables, lowest, _ = linux.routing_facts()
+    return plan_routes(allowed_ips, addresses, table=table, fwmark=fwmark, used_tables=tables,
+                       lowest_priority=lowest, src_valid_mark=read_src_valid_mark(),
+                       ipv6=ipv6_enabled())
 
 
 # ---------------------------------------------------------------------------------- acting
@@ -371,7 +347,7 @@ def undo(plan: Plan, ifname: str) -> list[str]:
     if plan.src_valid_mark and read_src_valid_mark() == "1":
         # Put it back unless another full tunnel (a `not fwmark` rule) still relies on it.
         try:
-            others = any("not from all fwmark" in line for line in linux.rule_dump())
+            others = linux.routing_facts()[2]
         except linux.LinuxError:
             others = True
         if not others:

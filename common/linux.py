@@ -326,6 +326,29 @@ def set_socket_mark(sock: socket.socket, mark: int) -> None:
                          " (needs CAP_NET_ADMIN)") from None
 
 
+FIB_RULE_INVERT = 2
+
+
+def routing_facts() -> tuple[set[int], dict[int, int], bool]:
+    """What a route plan must not collide with, read with pyroute2: (routing tables in use,
+    {4 and 6: the lowest non-zero rule priority}, whether some rule is an inverted fwmark
+    rule, as another full tunnel makes)."""
+    tables: set[int] = set()
+    lowest: dict[int, int] = {}
+    inverted = False
+    with _netlink("cannot read the routing tables and rules") as ipr:
+        for family, af in _FAMILY.items():
+            for route in ipr.route("dump", family=af):
+                tables.add(route.get("RTA_TABLE") or route["table"])
+            for rule in ipr.rule("dump", family=af):
+                priority = rule.get("FRA_PRIORITY") or 0
+                if priority > 0:
+                    lowest[family] = min(lowest.get(family, 1 << 32), priority)
+                if rule.get("FRA_FWMARK") is not None and rule["flags"] & FIB_RULE_INVERT:
+                    inverted = True
+    return tables, lowest, inverted
+
+
 def _ip_lines(*argv: str) -> list[str]:
     try:
         out = subprocess.run(["ip", *argv], capture_output=True, text=True, check=True).stdout
@@ -337,7 +360,8 @@ def _ip_lines(*argv: str) -> list[str]:
 
 
 def route_dump() -> list[str]:
-    """Every route of every table, both families, sorted: equal lists mean equal routing."""
+    """Every route of every table, both families, sorted: equal lists mean equal routing.
+    As `ip` prints them (for tests and diagnostics: an oracle apart from pyroute2)."""
     return sorted(
         [f"inet {r}" for r in _ip_lines("-4", "route", "show", "table", "all")]
         + [f"inet6 {r}" for r in _ip_lines("-6", "route", "show", "table", "all")]

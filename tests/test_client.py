@@ -338,17 +338,6 @@ def test_plan_survives_the_state_file():
     assert routes.Plan.from_json(old).routes[1] == Route(N("0.0.0.0/0"), 51820)
 
 
-def test_reading_tables_and_priorities_from_dumps():
-    route_lines = ["inet default via 192.0.2.1 dev eth0", "inet default dev wg0 table 51820",
-                   "inet local 127.0.0.1 dev lo table local proto kernel",
-                   "inet6 default dev wg0 table 51821 metric 1024"]
-    assert routes.used_tables(route_lines) == {51820, 255, 51821}
-    rule_lines = ["inet 0: from all lookup local", "inet 32766: from all lookup main",
-                  "inet 32767: from all lookup default", "inet6 0: from all lookup local",
-                  "inet6 100: from all fwmark 0x1 lookup 7"]
-    assert routes.lowest_priorities(rule_lines) == {4: 32766, 6: 100}
-
-
 def test_nft_rules_for_a_full_tunnel():
     plan = routes.plan_routes(["0.0.0.0/0"], ["10.77.0.2/32"])
     script = routes.nft_script(plan, "alice")

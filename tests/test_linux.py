@@ -187,3 +187,25 @@ def test_links_marks_and_netlink_errors(topology):
         "cannot add route 10.1.0.0/16 via 10.50.0.1: Network is unreachable",
     ]
     assert (result["before"], result["after"], result["default"]) == (True, False, None)
+
+
+FACTS = """
+t, p, i = linux.routing_facts()
+out(facts=[sorted(t), {str(k): v for k, v in p.items()}, i])
+"""
+
+
+def test_routing_facts_see_what_ip_sees(topology):
+    """The tables and rule priorities a route plan must avoid, read with pyroute2, against the
+    same namespace set up with ip(8)."""
+    ns = topology.netns("rf")
+    before = run_py(ns, FACTS)["facts"]
+    assert before == [[255], {"4": 32766, "6": 32766}, False]  # local; main and default rules
+    ns.run("ip link add rf0 type veth peer name rf1")
+    ns.run("ip link set rf0 up")
+    ns.run("ip route add 10.9.9.0/24 dev rf0 table 51820")
+    ns.run("ip -6 route add fd00:9::/64 dev rf0 table 7")
+    ns.run("ip rule add not fwmark 51820 table 51820 priority 100")
+    ns.run("ip -6 rule add from all lookup 7 priority 40")
+    after = run_py(ns, FACTS)["facts"]
+    assert after == [[7, 255, 51820], {"4": 100, "6": 40}, True]
