@@ -405,6 +405,12 @@ class Hub:
     # -- running --------------------------------------------------------------------------------
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        # SIGTERM and SIGINT are caught from the start: one that comes during start-up stops
+        # the hub as soon as it is up, with everything undone, not half-way with rules left.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            await self._run(signals, task_status)
+
+    async def _run(self, signals, task_status) -> None:
         s = self.settings
         try:
             tun_fd, ifname = linux.open_tun(s.interface, vnet_hdr=True)
@@ -452,10 +458,9 @@ class Hub:
                 log.info("hub up: %s %s, UDP port %d, %d peers", ifname,
                          ", ".join(map(str, s.addresses)), s.listen_port, len(self.peers))
                 task_status.started()
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for signum in signals:
-                        log.info("stopping on %s", signal.Signals(signum).name)
-                        break
+                async for signum in signals:
+                    log.info("stopping on %s", signal.Signals(signum).name)
+                    break
                 nursery.cancel_scope.cancel()
             self.driver = None  # the data thread has stopped
             self.flush()

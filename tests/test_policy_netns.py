@@ -279,6 +279,7 @@ def test_a_second_hub_in_the_namespace_comes_and_goes_without_touching_the_first
     try:
         wait_until(lambda: f"PYTUN-{ifname}-FWD" in hub.ns.run("iptables-legacy-save").stdout,
                    timeout=15, what="the second hub's rules")
+        # A SIGTERM during start-up waits until the hub is up, then stops it cleanly.
         assert sorted(_ours(hub.ns, hub.ifname)) == before
         second.terminate()
         assert second.wait(10) == 0
