@@ -231,7 +231,21 @@ def apply_sets(family: int, sets: dict[str, list[str]], previous: dict | None = 
         _ipset("restore", script=script)
 
 
+def _usable(family: int) -> bool:
+    """Can this process open the family's legacy tables? A host without IPv6 (or without
+    ip6_tables) cannot, and then holds no IPv6 rules of ours either."""
+    try:
+        _table(family, "filter")
+    except NatError:
+        if family == 4:
+            raise  # an IPv4 hub needs its tables: say why they cannot be opened
+        return False
+    return True
+
+
 def _drop_sets(tag: str, family: int, keep=()) -> None:
+    if not keep and shutil.which("ipset") is None:
+        return  # nothing to remove: no set of ours was ever made without the ipset command
     stale = [n for n in _set_names() if _is_our_set(n, tag, family) and n not in keep]
     if stale:
         _ipset("restore", script="".join(f"destroy {n}\n" for n in sorted(stale)))
@@ -429,6 +443,8 @@ def cleanup(tag: str, state_dir: str) -> None:
 
 
 def _cleanup_family(tag: str, family: int, state_dir: str) -> None:
+    if not _usable(family):
+        return  # nothing of ours can be in tables this host cannot even open
     _remove_legacy(family)
     teardown(tag, family)
     saved = os.path.join(state_dir, LEGACY_SAVED)

@@ -394,3 +394,22 @@ def test_an_ipv6_plan_is_exact_in_ip6tables_and_comes_out_again(hub):
     hub.ns.python(f"from pytun.server import nat; nat.teardown({hub.tun!r}, 6)")
     assert "PYTUN" not in hub.ns.run("ip6tables-legacy-save").stdout
     assert hub.ns.sysctl("net.ipv6.conf.all.forwarding") == "0"
+
+
+def test_cleanup_is_quiet_where_ipv6_tables_cannot_be_opened(hub):
+    """`pytun-server --cleanup` runs before every start: on a host without ip6_tables it must
+    still clean up IPv4 and succeed."""
+    hub.nat("nat.setup(plan); os._exit(1)", check=False)  # a crashed IPv4 hub
+    result = hub.nat(f"""
+        real = nat._table
+        def no_ipv6(family, name):
+            if family == 6:
+                raise NatError("cannot open the ip6tables filter table: Table does not exist")
+            return real(family, name)
+        nat._table = no_ipv6
+        for family in (4, 6):
+            nat._cleanup_family(tag, family, {hub.state_dir!r})
+        out(ok=True)
+    """)
+    assert result == {"ok": True}
+    assert ours(hub.saved()) == [] and hub.ip_forward() == "0" and hub.ipsets() == []
