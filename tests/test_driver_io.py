@@ -10,6 +10,8 @@ import errno
 import os
 import socket
 
+import pytest
+
 from pytun.common import driver as driver_module, tcpgro
 from pytun.common.driver import Driver, open_udp
 
@@ -215,3 +217,27 @@ def test_a_failed_tun_read_is_counted_not_raised():
     d = Driver(device, r, FailingSocket())
     d._drain_tun(0.0)
     assert d.io_errors == {"tun_read_error": 1} and device.sent == []
+
+
+@pytest.mark.parametrize("sticky", [False, True])
+def test_a_gro_run_is_cut_back_into_its_datagrams(sticky):
+    """Six datagrams sent as one GSO run over loopback arrive as one GRO read (the kernel's
+    UDP_GRO control message names their size): the device gets them one by one, in order,
+    the last one shorter."""
+    hub_sock = open_udp(0)
+    port = hub_sock.getsockname()[1]
+    d, device = driver_with(hub_sock, sticky=sticky)
+    laptop = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        run = [bytes([i]) * 1000 for i in range(5)] + [b"\xff" * 300]
+        laptop.sendmsg(run, [(driver_module.SOL_UDP, driver_module.UDP_SEGMENT,
+                              (1000).to_bytes(2, "little"))], 0, ("127.0.0.2", port))
+        socket_ready(hub_sock)
+        d._drain_udp(0.0)
+        assert [data for data, _ in device.received] == run
+        assert len({src for _, src in device.received}) == 1
+        if sticky:  # and the replies still leave from the address the laptop dialled
+            assert list(d._reply_from) == [device.received[0][1]]
+    finally:
+        hub_sock.close()
+        laptop.close()
