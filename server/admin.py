@@ -89,7 +89,8 @@ def cmd_init(args) -> int:
     settings = state.HubSettings(
         subnet=args.subnet, endpoint=args.endpoint, listen_port=args.listen_port,
         interface=args.interface, mtu=args.mtu, egress=args.egress, dns=_csv(args.dns),
-        routes=_csv(args.route), allow_peer_to_peer=args.allow_peer_to_peer)
+        routes=_csv(args.route), allow_peer_to_peer=args.allow_peer_to_peer,
+        metrics=args.metrics, metrics_token_file=args.metrics_token_file)
     _check_interfaces(settings)
     public = state.init_state(args.state_dir, settings)
     print(f"initialised {args.state_dir}: subnet {', '.join(map(str, settings.subnets))}, hub"
@@ -502,6 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="networks behind the hub that laptops should reach")
     sp.add_argument("--allow-peer-to-peer", action="store_true",
                     help="let peers reach each other through the hub")
+    sp.add_argument("--metrics", metavar="ADDR:PORT",
+                    help="serve Prometheus metrics there, e.g. 127.0.0.1:9586 (default: off)")
+    sp.add_argument("--metrics-token-file", metavar="FILE",
+                    help="scrapers must send the bearer token in FILE (mode 0600)")
 
     sp = add("add-peer", cmd_add_peer, "register a peer and print its wg-quick config")
     sp.add_argument("name", metavar="NAME")
@@ -578,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp = add("show", cmd_show, "live view of the running hub: endpoints, handshakes, traffic")
     sp.add_argument("--json", action="store_true")
+    from . import admin_ops
+    admin_ops.add_commands(add)
     return p
 
 

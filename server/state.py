@@ -85,6 +85,8 @@ class HubSettings:
     routes: list[IPv4Network | IPv6Network] = field(default_factory=list)
     allow_peer_to_peer: bool = False
     subnet6: IPv6Network | None = None  # dual stack: the IPv6 subnet beside an IPv4 `subnet`
+    metrics: str | None = None  # Prometheus metrics on this address ("127.0.0.1:9586"); off
+    metrics_token_file: str | None = None  # a bearer token scrapers must send (metrics.py)
 
     def __post_init__(self) -> None:
         given = [self.subnet, *([self.subnet6] if self.subnet6 else [])]
@@ -121,6 +123,14 @@ class HubSettings:
         except ValueError as exc:
             raise StateError(f"bad route: {exc}") from None
         self.allow_peer_to_peer = bool(self.allow_peer_to_peer)
+        if self.metrics is not None:
+            from .metrics import MetricsError, parse_listen
+            try:
+                parse_listen(str(self.metrics))
+            except MetricsError as exc:
+                raise StateError(str(exc)) from None
+        if self.metrics_token_file is not None and not os.path.isabs(str(self.metrics_token_file)):
+            raise StateError(f"metrics token file {self.metrics_token_file!r}: give an absolute path")
 
     @property
     def address(self) -> IPv4Interface | IPv6Interface:
@@ -144,6 +154,9 @@ class HubSettings:
             d["subnet6"] = str(self.subnet6)
         else:
             del d["subnet6"]
+        for optional in ("metrics", "metrics_token_file"):  # hub.json stays as it was when unset
+            if d[optional] is None:
+                del d[optional]
         d["dns"] = [str(x) for x in self.dns]
         d["routes"] = [str(x) for x in self.routes]
         return json.dumps({"version": SETTINGS_VERSION, **d}, indent=2) + "\n"
