@@ -19,7 +19,7 @@ import trio
 from ..common import keys, linux
 from ..common.device import Device
 from ..common.driver import Driver, endpoint_for, format_endpoint, open_udp
-from . import control, nat, policy, state
+from . import control, nat, ops, policy, state
 from .registry import Registry, RegistryError
 
 log = logging.getLogger("pytun")
@@ -59,6 +59,8 @@ class Hub:
         self._expiry: float | None = None  # when the next access rule expires
         self._firewall_changed: trio.Event | None = None
         self._firewall_lock = trio.Lock()
+        self.records: list = []  # the registry as last synced (metrics read it)
+        self.ops = ops.Operations(self)  # metrics, systemd notify and watchdog, session log
 
     # -- registry ------------------------------------------------------------------------------
 
@@ -73,6 +75,7 @@ class Hub:
         carries the plan out). Returns (added, removed) peer names."""
         self._token = self.registry.change_token()
         records = self.registry.list()
+        self.records = records
         wanted = {r.name: r for r in records if not r.disabled}
         if self.view is not None:
             self._plan(records, self.registry.rules())
@@ -163,6 +166,7 @@ class Hub:
     # -- events and control ---------------------------------------------------------------------
 
     def on_event(self, kind: str, peer, detail) -> None:
+        self.ops.sessions.on_event(kind, peer, detail)
         if kind == "handshake":
             log.info("handshake with peer %s from %s", peer.name, format_endpoint(peer.endpoint))
             self._record(peer)
@@ -259,6 +263,11 @@ class Hub:
             driver = Driver(self.device, tun_fd, self.sock, on_event=self.on_event,
                             sticky=True, vnet_hdr=True)
             self._redial(driver.now(), time.time())
+            self.ops.prepare(driver)
+            try:
+                self.ops.start_metrics()
+            except ops.MetricsError as exc:
+                raise StartupError(str(exc)) from None
             async with trio.open_nursery() as nursery:
                 await nursery.start(driver.run)
                 self.driver = driver
@@ -267,8 +276,10 @@ class Hub:
                 nursery.start_soon(self._poll_registry)
                 self._firewall_changed = trio.Event()
                 nursery.start_soon(self._firewall_loop)
+                nursery.start_soon(self.ops.run)
                 log.info("hub up: %s %s, UDP port %d, %d peers", ifname,
                          ", ".join(map(str, s.addresses)), s.listen_port, len(self.peers))
+                self.ops.ready()
                 task_status.started()
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for signum in signals:
@@ -276,6 +287,7 @@ class Hub:
                         break
                 nursery.cancel_scope.cancel()
         finally:
+            self.ops.stop()
             for family in firewall:
                 try:
                     linux.run_apart(nat.teardown, s.interface, family)
