@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import sys
 
@@ -38,6 +40,20 @@ def cmd_metrics(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from . import doctor
+    checks = doctor.run(args.state_dir)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(c) for c in checks], indent=2))
+    else:
+        for check in checks:
+            print(check.lines())
+        counts = {s: sum(c.status == s for c in checks) for s in (doctor.PASS, doctor.WARN,
+                                                                   doctor.FAIL)}
+        print(f"{counts['PASS']} passed, {counts['WARN']} warnings, {counts['FAIL']} failed")
+    return 1 if any(c.status == doctor.FAIL for c in checks) else 0
+
+
 def add_commands(add) -> None:
     """Register the operations commands with pytun-admin's parser (`add` is its helper)."""
     sp = add("metrics", cmd_metrics, "show or change where the hub serves Prometheus metrics")
@@ -45,3 +61,6 @@ def add_commands(add) -> None:
     sp.add_argument("--off", action="store_true", help="serve no metrics")
     sp.add_argument("--token-file", metavar="FILE", help="require the bearer token in FILE")
     sp.add_argument("--no-token", action="store_true", help="require no token")
+    sp = add("doctor", cmd_doctor, "check the host and the hub: PASS, WARN or FAIL with the fix"
+             " (exit 1 on a FAIL)")
+    sp.add_argument("--json", action="store_true")
