@@ -595,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors (2)
         return exc.code if isinstance(exc.code, int) else 2
     args.state_dir = state.resolve_state_dir(args.state_dir)
+    from . import admin_ops
+    args.fn = admin_ops.audited(args, sys.argv[1:] if argv is None else argv)
     return cli.run(PROG, args.fn, args, (AdminError, RegistryError, state.StateError, keys.BadKey,
                                          config.ConfigError, control.ControlError, PolicyError))
 

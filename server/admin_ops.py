@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 
 from . import state
 from .admin import AdminError as OpsError
@@ -54,6 +55,36 @@ def cmd_doctor(args) -> int:
     return 1 if any(c.status == doctor.FAIL for c in checks) else 0
 
 
+def audited(args, argv: list[str]):
+    """args.fn wrapped so that what it changes goes to the audit log (audit.py)."""
+    from . import audit
+    command = " ".join(filter(None, (args.command, getattr(args, "access_command", None),
+                                     getattr(args, "group_command", None))))
+    if command in audit.READ_ONLY:
+        return args.fn
+    return audit.wrap(args.fn, args.state_dir, list(argv), command)
+
+
+def cmd_audit(args) -> int:
+    from . import admin, audit
+    since = None
+    if args.since:
+        if args.since[-1:].lower() in admin.DURATION and args.since[:-1].isdigit():
+            since = time.time() - admin.parse_duration(args.since)
+        else:
+            since = admin.parse_time(args.since)
+    entries = audit.read(args.state_dir, since)
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    for e in entries:
+        who = e["user"] + (f" (sudo by {e['sudo_user']})" if e.get("sudo_user") else "")
+        print(f"{e['time']}  {who} uid {e['uid']}: {e['command']}")
+        for change in e["changes"]:
+            print(f"    {audit.describe(change)}")
+    return 0
+
+
 def add_commands(add) -> None:
     """Register the operations commands with pytun-admin's parser (`add` is its helper)."""
     sp = add("metrics", cmd_metrics, "show or change where the hub serves Prometheus metrics")
@@ -61,6 +92,10 @@ def add_commands(add) -> None:
     sp.add_argument("--off", action="store_true", help="serve no metrics")
     sp.add_argument("--token-file", metavar="FILE", help="require the bearer token in FILE")
     sp.add_argument("--no-token", action="store_true", help="require no token")
+    sp = add("audit", cmd_audit, "every change made with pytun-admin: who, when, before, after")
+    sp.add_argument("--since", metavar="TIME", help="a duration back (2h, 7d) or a time"
+                    " (2026-12-01T00:00:00Z)")
+    sp.add_argument("--json", action="store_true")
     sp = add("doctor", cmd_doctor, "check the host and the hub: PASS, WARN or FAIL with the fix"
              " (exit 1 on a FAIL)")
     sp.add_argument("--json", action="store_true")
