@@ -11,7 +11,6 @@ import urllib.request
 from types import SimpleNamespace
 
 import pytest
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pytun.common import keys
@@ -49,9 +48,7 @@ def _hub(now: float = 1000.0):
 
 def _scrape(hub, now=1000.0) -> dict:
     """name -> list of (labels, value), through the text format Prometheus reads."""
-    registry = metrics.CollectorRegistry(auto_describe=False)
-    registry.register(metrics.HubCollector(hub, clock=lambda: now))
-    text = generate_latest(registry).decode()
+    text = metrics.Exposition(hub, clock=lambda: now).render().decode()
     out: dict = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -216,3 +213,28 @@ def test_hub_operations_wire_the_watchdog_into_the_driver():
     driver = SimpleNamespace(heartbeat=None, heartbeat_interval=0.0)
     o.prepare(driver)
     assert driver.heartbeat_interval == 10.0 and driver.heartbeat == o.notifier.watchdog
+
+
+def test_a_second_scrape_formats_only_the_peers_that_moved(monkeypatch):
+    hub, _ = _hub()
+    exposition = metrics.Exposition(hub, clock=lambda: 1000.0)
+    exposition.render()
+    formatted = []
+    original = metrics.PeerFamilies._format
+    monkeypatch.setattr(metrics.PeerFamilies, "_format", staticmethod(
+        lambda *a: formatted.append(a[1]) or original(*a)))
+    hub.peers["bob"][1].rx_bytes += 100
+    text = exposition.render().decode()
+    assert formatted == ["bob"]
+    assert 'pytun_peer_received_bytes_total{peer="bob"} 100' in text
+    del hub.peers["carol"]
+    text = exposition.render().decode()
+    assert 'friendly_name="carol"' not in text
+
+
+def test_label_values_are_escaped():
+    hub, _ = _hub()
+    hub.records[0].groups = ['we"ird\\grp']
+    got, _ = _scrape(hub)
+    info = {lab["peer"]: lab for lab, _ in got["pytun_peer_info"]}
+    assert info["alice"]["groups"] == 'we"ird\\grp'
