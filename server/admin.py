@@ -499,14 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mtu", type=int, default=1420)
     sp.add_argument("--egress", metavar="IFACE", help="interface to masquerade full-tunnel traffic out of")
     sp.add_argument("--dns", action="append", metavar="ADDR,...", help="DNS servers for laptops")
-    sp.add_argument("--route", action="append", metavar="CIDR,...",
-                    help="networks behind the hub that laptops should reach")
-    sp.add_argument("--allow-peer-to-peer", action="store_true",
-                    help="let peers reach each other through the hub")
     sp.add_argument("--metrics", metavar="ADDR:PORT",
                     help="serve Prometheus metrics there, e.g. 127.0.0.1:9586 (default: off)")
     sp.add_argument("--metrics-token-file", metavar="FILE",
                     help="scrapers must send the bearer token in FILE (mode 0600)")
+    sp.add_argument("--route", action="append", metavar="CIDR,...",
+                    help="networks behind the hub that laptops should reach")
+    sp.add_argument("--allow-peer-to-peer", action="store_true",
+                    help="let peers reach each other through the hub")
 
     sp = add("add-peer", cmd_add_peer, "register a peer and print its wg-quick config")
     sp.add_argument("name", metavar="NAME")

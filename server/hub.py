@@ -19,8 +19,9 @@ import trio
 from ..common import keys, linux
 from ..common.device import Device
 from ..common.driver import Driver, endpoint_for, format_endpoint, open_udp
-from . import control, nat, ops, policy, state
+from . import control, nat, policy, state
 from .registry import Registry, RegistryError
+from .ops import MetricsError, Operations
 
 log = logging.getLogger("pytun")
 
@@ -50,6 +51,8 @@ class Hub:
                              allow_peer_to_peer=settings.allow_peer_to_peer)
         self.peers: dict[str, tuple[tuple, object]] = {}  # name -> (spec, engine peer)
         self.driver: Driver | None = None
+        self.records: list = []  # the registry as last planned (metrics read it)
+        self.ops = Operations(self)  # metrics, systemd notify and watchdog, session log
         self.sock = None
         self._token = None
         self._recorded: dict[str, tuple] = {}  # name -> (endpoint, handshake time) stored
@@ -59,8 +62,6 @@ class Hub:
         self._expiry: float | None = None  # when the next access rule expires
         self._firewall_changed: trio.Event | None = None
         self._firewall_lock = trio.Lock()
-        self.records: list = []  # the registry as last synced (metrics read it)
-        self.ops = ops.Operations(self)  # metrics, systemd notify and watchdog, session log
 
     # -- registry ------------------------------------------------------------------------------
 
@@ -75,7 +76,6 @@ class Hub:
         carries the plan out). Returns (added, removed) peer names."""
         self._token = self.registry.change_token()
         records = self.registry.list()
-        self.records = records
         wanted = {r.name: r for r in records if not r.disabled}
         if self.view is not None:
             self._plan(records, self.registry.rules())
@@ -85,6 +85,7 @@ class Hub:
             return self._apply(wanted)
 
     def _plan(self, records, rules) -> None:
+        self.records = records
         now = time.time()
         self.wanted = {}
         for family in (4, 6):
@@ -166,7 +167,6 @@ class Hub:
     # -- events and control ---------------------------------------------------------------------
 
     def on_event(self, kind: str, peer, detail) -> None:
-        self.ops.sessions.on_event(kind, peer, detail)
         if kind == "handshake":
             log.info("handshake with peer %s from %s", peer.name, format_endpoint(peer.endpoint))
             self._record(peer)
@@ -266,7 +266,7 @@ class Hub:
             self.ops.prepare(driver)
             try:
                 self.ops.start_metrics()
-            except ops.MetricsError as exc:
+            except MetricsError as exc:
                 raise StartupError(str(exc)) from None
             async with trio.open_nursery() as nursery:
                 await nursery.start(driver.run)

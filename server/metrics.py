@@ -229,8 +229,8 @@ class HubCollector:
         now = self.clock()
         records = list(getattr(hub, "records", None) or ())
         drops = dict(device.drops)
-        ops = getattr(hub, "ops", None)
-        handshakes = dict(ops.sessions.results) if ops is not None else {}
+        handshakes = {"completed": device.handshakes_completed,
+                      "gave_up": device.handshakes_gave_up}
 
         connected = idle = never = sessions = 0
         for _, (_, p) in self.snapshot:

@@ -33,6 +33,15 @@ class Operations:
         self._status = ""
 
     def prepare(self, driver) -> None:
+        """Before the data thread starts: the session log sees the device's events before
+        the hub does, and the thread pings the watchdog."""
+        hub_events = driver.on_event
+
+        def on_event(kind, peer, detail) -> None:
+            self.sessions.on_event(kind, peer, detail)
+            if hub_events is not None:
+                hub_events(kind, peer, detail)
+        driver.on_event = on_event
         interval = self.notifier.watchdog_interval
         if interval:
             driver.heartbeat = self.notifier.watchdog

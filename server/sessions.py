@@ -7,8 +7,6 @@
 
 Each line carries the peer's name, endpoint, the bytes each way during the session and its
 duration, as `extra` fields that the json and logfmt formats print (logformat.py); never a key.
-Handshake results (completed, gave up) are counted here for the metrics, from the events the
-data plane already hands to the trio side: nothing is added per packet.
 """
 
 from __future__ import annotations
@@ -39,11 +37,9 @@ class SessionLog:
         self.clock = clock
         self.wallclock = wallclock
         self.active: dict[str, Session] = {}
-        self.results: dict[str, int] = {"completed": 0, "gave_up": 0}
 
     def on_event(self, kind: str, peer, detail) -> None:
         if kind == "handshake":
-            self.results["completed"] += 1
             current = self.active.get(peer.name)
             if current is not None and current.peer is not peer:  # rebuilt under the same name
                 self._end(current, "reconfigured")
@@ -57,8 +53,6 @@ class SessionLog:
                 log.info("session %s: endpoint changed to %s", peer.name, endpoint,
                          extra={"fields": {"event": "session_endpoint", "peer": peer.name,
                                            "endpoint": endpoint}})
-        elif kind == "handshake_gave_up":
-            self.results["gave_up"] += 1
 
     def _start(self, peer) -> None:
         self.active[peer.name] = Session(peer, self.clock(), self.wallclock())

@@ -73,20 +73,32 @@ def normalize_endpoint(text: str, default_port: int) -> str:
         raise StateError(str(exc)) from None
 
 
+def _check_metrics(settings) -> None:
+    if settings.metrics is not None:
+        from .metrics import MetricsError, parse_listen
+        try:
+            parse_listen(str(settings.metrics))
+        except MetricsError as exc:
+            raise StateError(str(exc)) from None
+    token = settings.metrics_token_file
+    if token is not None and not os.path.isabs(str(token)):
+        raise StateError(f"metrics token file {token!r}: give an absolute path")
+
+
 @dataclass
 class HubSettings:
     subnet: IPv4Network | IPv6Network
     endpoint: str
     listen_port: int = 51820
     interface: str = "pytun0"
+    metrics: str | None = None  # Prometheus metrics on this address ("127.0.0.1:9586"); off
+    metrics_token_file: str | None = None  # a bearer token scrapers must send (metrics.py)
     mtu: int = 1420
     egress: str | None = None
     dns: list[IPv4Address | IPv6Address] = field(default_factory=list)
     routes: list[IPv4Network | IPv6Network] = field(default_factory=list)
     allow_peer_to_peer: bool = False
     subnet6: IPv6Network | None = None  # dual stack: the IPv6 subnet beside an IPv4 `subnet`
-    metrics: str | None = None  # Prometheus metrics on this address ("127.0.0.1:9586"); off
-    metrics_token_file: str | None = None  # a bearer token scrapers must send (metrics.py)
 
     def __post_init__(self) -> None:
         given = [self.subnet, *([self.subnet6] if self.subnet6 else [])]
@@ -109,6 +121,7 @@ class HubSettings:
         if not isinstance(self.listen_port, int) or not 1 <= self.listen_port <= 65535:
             raise StateError(f"listen port must be from 1 to 65535, not {self.listen_port!r}")
         self.endpoint = normalize_endpoint(str(self.endpoint), self.listen_port)
+        _check_metrics(self)
         for name in (self.interface, self.egress):
             if name is not None and not _IFNAME.match(str(name)):
                 raise StateError(f"bad interface name {name!r}: 1-15 of A-Z a-z 0-9 _ . -")
@@ -123,14 +136,6 @@ class HubSettings:
         except ValueError as exc:
             raise StateError(f"bad route: {exc}") from None
         self.allow_peer_to_peer = bool(self.allow_peer_to_peer)
-        if self.metrics is not None:
-            from .metrics import MetricsError, parse_listen
-            try:
-                parse_listen(str(self.metrics))
-            except MetricsError as exc:
-                raise StateError(str(exc)) from None
-        if self.metrics_token_file is not None and not os.path.isabs(str(self.metrics_token_file)):
-            raise StateError(f"metrics token file {self.metrics_token_file!r}: give an absolute path")
 
     @property
     def address(self) -> IPv4Interface | IPv6Interface:

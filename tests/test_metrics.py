@@ -42,7 +42,7 @@ def _hub(now: float = 1000.0):
     hub.records.append(Record(name="dave", public_key=keys.encode_key(static_key("d")[1]),
                               address="10.77.0.9/32", disabled=True))
     device.drops.update({"peer_to_peer": 3, "bad_mac1": 2, "udp_send_error": 4})
-    hub.ops = SimpleNamespace(sessions=SimpleNamespace(results={"completed": 7, "gave_up": 1}))
+    device.handshakes_completed, device.handshakes_gave_up = 7, 1
     return hub, device
 
 
@@ -210,9 +210,15 @@ def test_hub_operations_wire_the_watchdog_into_the_driver():
     hub, _ = _hub()
     hub.settings.metrics = None
     o = ops.Operations(hub, Notifier(None, watchdog_usec=20_000_000))
-    driver = SimpleNamespace(heartbeat=None, heartbeat_interval=0.0)
+    seen = []
+    driver = SimpleNamespace(heartbeat=None, heartbeat_interval=0.0,
+                             on_event=lambda *e: seen.append(e))
     o.prepare(driver)
     assert driver.heartbeat_interval == 10.0 and driver.heartbeat == o.notifier.watchdog
+    # The session log sees each event before the hub's own handler does.
+    peer = hub.peers["alice"][1]
+    driver.on_event("handshake", peer, None)
+    assert seen == [("handshake", peer, None)] and "alice" in o.sessions.active
 
 
 def test_a_second_scrape_formats_only_the_peers_that_moved(monkeypatch):
