@@ -24,6 +24,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import socket
 import stat
 import threading
 import time
@@ -69,6 +70,7 @@ FAMILIES = {
     "pytun_under_load": "1 while the hub asks initiators for cookies (handshake flood)",
     "pytun_io_errors_total": "failed reads and writes on the UDP socket and the TUN device",
     "pytun_build_info": "the running pytun's version",
+    "pytun_peer_expiry_timestamp_seconds": "Unix time a peer expires at (peers that expire)",
 }
 
 
@@ -195,6 +197,12 @@ class PeerFamilies:
             info[key] = line
             out.append(line)
         self._info = info
+        expiring = [(r.name, r.expires) for r in records if getattr(r, "expires", None)]
+        if expiring:
+            family = "pytun_peer_expiry_timestamp_seconds"
+            out.append(f"# HELP {family} {FAMILIES[family]}\n# TYPE {family} gauge\n")
+            out.extend(f"{family}{_labels((('peer', name),))} {_number(when)}\n"
+                       for name, when in expiring)
         return "".join(out)
 
     @staticmethod
@@ -357,8 +365,7 @@ class _Server(ThreadingMixIn, WSGIServer):
 
 
 class _Server6(_Server):
-    import socket as _socket
-    address_family = _socket.AF_INET6
+    address_family = socket.AF_INET6
 
 
 class MetricsServer:

@@ -244,3 +244,12 @@ def test_label_values_are_escaped():
     got, _ = _scrape(hub)
     info = {lab["peer"]: lab for lab, _ in got["pytun_peer_info"]}
     assert info["alice"]["groups"] == 'we"ird\\grp'
+
+
+def test_expiry_times_when_peers_carry_them():
+    hub, _ = _hub()
+    got, _ = _scrape(hub)
+    assert "pytun_peer_expiry_timestamp_seconds" not in got  # no peer expires
+    hub.records[0].expires = 1_800_000_000
+    got, _ = _scrape(hub)
+    assert got["pytun_peer_expiry_timestamp_seconds"] == [({"peer": "alice"}, 1.8e9)]
