@@ -279,9 +279,7 @@ def test_session_lines_are_json_and_disabling_ends_the_session(ops):
                        timeout=10, what="the session_end line")
     assert ended[0]["peer"] == "alice" and ended[0]["reason"] == "disabled"
     assert ended[0]["rx_bytes"] > TRANSFER and ended[0]["duration_seconds"] > 0
-    key = hub.show()  # alice is gone from the live view; her key is in no log line
-    assert "alice" not in key
-    for line in hub.log().splitlines():
+    for line in hub.log().splitlines():  # no key in any line
         assert not re.search(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=", line), line
 
 
