@@ -151,6 +151,10 @@ class Driver:
         self.sticky = sticky
         self.gso = gso
         self.vnet_hdr = vnet_hdr  # the TUN fd was opened with IFF_VNET_HDR (see tcpgro.py)
+        # Called from the data thread's loop at most every `heartbeat_interval` seconds (the
+        # systemd watchdog ping): a wedged loop stops calling it.
+        self.heartbeat = None
+        self.heartbeat_interval = 0.0
         self._reply_from: dict = {}  # endpoint -> control message naming our source address
         self._seen_local: dict = {}  # endpoint -> raw pktinfo last seen, to rebuild on change
         self._too_big: dict = {}  # endpoint -> smallest datagram size its path MTU refused
@@ -244,8 +248,13 @@ class Driver:
             blocked = False  # datagrams wait for room in the socket: TUN reads pause
             tick, next_wakeup = self.tick_interval, device.next_wakeup
             next_tick = monotonic() + tick
+            heartbeat, beat_every = self.heartbeat, self.heartbeat_interval
+            next_beat = monotonic() if heartbeat is not None else float("inf")
             while not self._stopping:
-                timeout = next_tick - monotonic()
+                if heartbeat is not None and monotonic() >= next_beat:
+                    heartbeat()
+                    next_beat = monotonic() + beat_every
+                timeout = min(next_tick, next_beat) - monotonic()
                 events = poll(timeout if timeout > 0 else 0)
                 now = monotonic()
                 udp = tun = False

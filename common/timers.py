@@ -18,6 +18,9 @@ class Timers:
 
     def __init__(self):
         self._armed: set[Peer] = set()
+        # Handshakes by outcome, for metrics (once per handshake, never per packet).
+        self.handshakes_completed = 0
+        self.handshakes_gave_up = 0
 
     def _jitter(self) -> float:
         return int.from_bytes(self.rng(2), "little") / 65535.0 * JITTER_MAX
@@ -65,6 +68,7 @@ class Timers:
         peer.sent_last_minute_handshake = False
         peer.last_handshake = now
         peer.last_handshake_wall = self.wallclock()
+        self.handshakes_completed += 1
         self.events.append(("handshake", peer, None))
 
     def session_derived(self, peer: Peer, now: float) -> None:
@@ -108,6 +112,7 @@ class Timers:
             if dropped:
                 self.drops["handshake_gave_up"] += dropped
             peer.staged = ()
+            self.handshakes_gave_up += 1
             self.events.append(("handshake_gave_up", peer, None))
             if peer.zero_at is None:
                 peer.zero_at = now + ZERO_KEYS_AFTER

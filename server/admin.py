@@ -94,7 +94,8 @@ def cmd_init(args) -> int:
         under_load_threshold=args.under_load,
         subnet=args.subnet, endpoint=args.endpoint, listen_port=args.listen_port,
         interface=args.interface, mtu=args.mtu, egress=args.egress, dns=_csv(args.dns),
-        routes=_csv(args.route), allow_peer_to_peer=args.allow_peer_to_peer)
+        routes=_csv(args.route), allow_peer_to_peer=args.allow_peer_to_peer,
+        metrics=args.metrics, metrics_token_file=args.metrics_token_file)
     _check_interfaces(settings)
     public = state.init_state(args.state_dir, settings)
     print(f"initialised {args.state_dir}: subnet {', '.join(map(str, settings.subnets))}, hub"
@@ -675,6 +676,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--egress", metavar="IFACE",
                     help="interface to masquerade laptops out of (default: the default route's)")
     sp.add_argument("--dns", action="append", metavar="ADDR,...", help="DNS servers for laptops")
+    sp.add_argument("--metrics", metavar="ADDR:PORT",
+                    help="serve Prometheus metrics there, e.g. 127.0.0.1:9586 (default: off)")
+    sp.add_argument("--metrics-token-file", metavar="FILE",
+                    help="scrapers must send the bearer token in FILE (mode 0600)")
     sp.add_argument("--route", action="append", metavar="CIDR,...",
                     help="networks behind the hub that laptops should reach")
     sp.add_argument("--allow-peer-to-peer", action="store_true",
@@ -797,6 +802,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp = add("show", cmd_show, "live view of the running hub: endpoints, handshakes, traffic")
     sp.add_argument("--json", action="store_true")
+    from . import admin_ops
+    admin_ops.add_commands(add)
     return p
 
 
@@ -807,6 +814,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors (2)
         return exc.code if isinstance(exc.code, int) else 2
     args.state_dir = state.resolve_state_dir(args.state_dir)
+    from . import admin_ops
+    args.fn = admin_ops.audited(args, sys.argv[1:] if argv is None else argv)
     return cli.run(PROG, args.fn, args, (AdminError, RegistryError, state.StateError, keys.BadKey,
                                          config.ConfigError, control.ControlError, PolicyError,
                                          migrate.MigrateError))

@@ -30,6 +30,7 @@ from ..common.device import Device
 from ..common.driver import Driver, endpoint_for, format_endpoint, open_udp
 from . import firewall, nat, policy, state
 from .registry import Registry, RegistryError
+from .ops import MetricsError, Operations
 
 log = logging.getLogger("pytun")
 
@@ -69,6 +70,8 @@ class Hub:
         self._writer_wake: trio.Event | None = None  # set when a peer is marked
         self.peers: dict[str, tuple[tuple, object]] = {}  # name -> (spec, engine peer)
         self.driver: Driver | None = None
+        self.records: list = []  # the registry as last planned (metrics read it)
+        self.ops = Operations(self)  # metrics, systemd notify and watchdog, session log
         self.sock = None
         self._token = None
         self._recorded: dict[str, tuple] = {}  # name -> (endpoint, handshake time) stored
@@ -131,6 +134,7 @@ class Hub:
         return min(times) if times else None
 
     def _plan(self, records, rules) -> None:
+        self.records = records
         now = time.time()
         self.wanted = {}
         for family in (4, 6):
@@ -446,6 +450,11 @@ class Hub:
             driver = Driver(self.device, tun_fd, self.sock, on_event=self.on_event,
                             sticky=True, vnet_hdr=True)
             self._redial(driver.now(), time.time())
+            self.ops.prepare(driver)
+            try:
+                self.ops.start_metrics()
+            except MetricsError as exc:
+                raise StartupError(str(exc)) from None
             async with trio.open_nursery() as nursery:
                 await nursery.start(driver.run)
                 self.driver = driver
@@ -455,8 +464,10 @@ class Hub:
                 nursery.start_soon(self._poll_registry)
                 self._firewall_changed = trio.Event()
                 nursery.start_soon(self._firewall_loop)
+                nursery.start_soon(self.ops.run)
                 log.info("hub up: %s %s, UDP port %d, %d peers", ifname,
                          ", ".join(map(str, s.addresses)), s.listen_port, len(self.peers))
+                self.ops.ready()
                 task_status.started()
                 async for signum in signals:
                     log.info("stopping on %s", signal.Signals(signum).name)
@@ -465,6 +476,7 @@ class Hub:
             self.driver = None  # the data thread has stopped
             self.flush()
         finally:
+            self.ops.stop()
             for family in firewall:
                 try:
                     linux.run_apart(nat.teardown, s.interface, family)

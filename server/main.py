@@ -10,7 +10,7 @@ import sys
 import trio
 
 from ..common import __version__, cli, linux
-from . import nat, state
+from . import logformat, nat, state
 from .hub import Hub, StartupError
 from .registry import RegistryError, SqliteRegistry
 
@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="remove what a crashed hub left behind (firewall rules, ip_forward, "
                         "interface, control socket) and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--log-format", choices=logformat.FORMATS, default="text",
+                   help="text (default, for the journal), or json or logfmt lines with the"
+                        " session log's fields, for log shippers")
     p.add_argument("--version", action="version", version=f"pytun-server {__version__}")
     return p
 
@@ -53,8 +56,10 @@ def cleanup(state_dir: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logformat.formatter(args.log_format, "pytun-server"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="pytun-server: %(message)s", stream=sys.stderr)
+                        handlers=[handler])
     state_dir = state.resolve_state_dir(args.state_dir)
     if args.cleanup:
         try:

@@ -84,12 +84,26 @@ def normalize_endpoint(text: str, default_port: int) -> str:
         raise StateError(str(exc)) from None
 
 
+def _check_metrics(settings) -> None:
+    if settings.metrics is not None:
+        from .metrics import MetricsError, parse_listen
+        try:
+            parse_listen(str(settings.metrics))
+        except MetricsError as exc:
+            raise StateError(str(exc)) from None
+    token = settings.metrics_token_file
+    if token is not None and not os.path.isabs(str(token)):
+        raise StateError(f"metrics token file {token!r}: give an absolute path")
+
+
 @dataclass
 class HubSettings:
     subnet: IPv4Network | IPv6Network
     endpoint: str
     listen_port: int = 51820
     interface: str = "pytun0"
+    metrics: str | None = None  # Prometheus metrics on this address ("127.0.0.1:9586"); off
+    metrics_token_file: str | None = None  # a bearer token scrapers must send (metrics.py)
     mtu: int = 1420
     under_load_threshold: int = DEFAULT_UNDER_LOAD  # handshake messages a second
     egress: str | None = None
@@ -122,6 +136,7 @@ class HubSettings:
         if not isinstance(self.listen_port, int) or not 1 <= self.listen_port <= 65535:
             raise StateError(f"listen port must be from 1 to 65535, not {self.listen_port!r}")
         self.endpoint = normalize_endpoint(str(self.endpoint), self.listen_port)
+        _check_metrics(self)
         for name in (self.interface, self.egress):
             if name is not None and not _IFNAME.fullmatch(str(name)):
                 raise StateError(f"bad interface name {name!r}: 1-15 of A-Z a-z 0-9 _ . -")
@@ -167,6 +182,9 @@ class HubSettings:
             d["subnet6"] = str(self.subnet6)
         else:
             del d["subnet6"]
+        for optional in ("metrics", "metrics_token_file"):  # hub.json stays as it was when unset
+            if d[optional] is None:
+                del d[optional]
         d["dns"] = [str(x) for x in self.dns]
         d["routes"] = [str(x) for x in self.routes]
         if self.under_load_threshold == DEFAULT_UNDER_LOAD:
