@@ -18,7 +18,9 @@ import sqlite3
 import stat
 import subprocess
 
-from . import control, nat, policy, state
+from pytun.common import control
+
+from . import nat, policy, state
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 TUNNEL_OVERHEAD = {4: 60, 6: 80}  # outer IP + UDP + WireGuard header and tag
@@ -108,7 +110,7 @@ def check_udp_port(port: int, owner: tuple[int, str] | None, hub_pid: int | None
     pid, cmd = owner
     if hub_pid is not None and pid != hub_pid or "pytun" not in cmd:
         return Check("udp port", FAIL, f"UDP port {port} is held by PID {pid} ({cmd}), not"
-                     " the hub", f"stop that process, or choose another --listen-port")
+                     " the hub", "stop that process, or choose another --listen-port")
     return Check("udp port", PASS, f"UDP port {port} bound by the hub (PID {pid})")
 
 
