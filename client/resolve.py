@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from typing import Any
 
 
 def is_ip(host: str) -> bool:
@@ -25,8 +26,8 @@ def lookup(host: str, port: int, family: int) -> list[str]:
     return out
 
 
-def next_address(addresses: list[str], current: str | None) -> str:
-    """The address to try: after a failure at `current`, the next one the name has."""
+def next_address(addresses: list, current) -> Any:
+    """The address to try: after a failure at `current`, the next one in the list."""
     if current in addresses and len(addresses) > 1:
         return addresses[(addresses.index(current) + 1) % len(addresses)]
     return addresses[0]

@@ -40,6 +40,7 @@ DEFAULT_MTU = 1420
 RESOLVE_RETRY = 5.0  # seconds between tries while the hub's name does not resolve
 RESOLVE_TIMEOUT = 10.0
 RERESOLVE_AFTER = 15.0  # unanswered handshakes for this long: look the name up again
+FAILOVER_AFTER = 2.0  # with `# pytun-endpoint` lines: an initiation unanswered this long
 WATCH_INTERVAL = 1.0
 
 _ABANDON = ("abandon_on_cancel"
@@ -150,39 +151,54 @@ class Tunnel:
     # -- the hub's address ----------------------------------------------------------------------
 
     async def _resolve(self, *, first: bool) -> bool:
-        """Look the hub's name up once; set the endpoint. True when an address was found."""
-        host, port = self.peer_cfg.endpoint
+        """Look the hub's names up once and set the endpoint: the first address the first
+        name has, or after a failure the next one, through every address of the Endpoint and
+        then of each `# pytun-endpoint` line. True when an address was found."""
         self.last_resolve = self.driver.now()
         again = f"; trying again in {self.resolve_retry:g} s" if first else ""
+        candidates: list[tuple[str, int]] = []
+        for host, port in [self.peer_cfg.endpoint, *self.peer_cfg.alternate_endpoints]:
+            if is_ip(host):
+                candidates.append((host.strip("[]"), port))
+                continue
+            try:
+                with trio.fail_after(RESOLVE_TIMEOUT):
+                    addresses = await trio.to_thread.run_sync(
+                        self.lookup, host, port, self.sock.family, **{_ABANDON: True})
+            except trio.TooSlowError:
+                log.warning("cannot resolve %s: no answer within %g s%s", host,
+                            RESOLVE_TIMEOUT, again)
+                continue
+            except (OSError, UnicodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                log.warning("cannot resolve %s: %s%s", host, reason, again)
+                continue
+            if not addresses:
+                log.warning("cannot resolve %s: no usable address%s", host, again)
+            candidates += [(address, port) for address in addresses]
+        if not candidates:
+            return False
+        current = self.peer.endpoint
+        here = (host_of(current), current[1]) if current is not None else None
+        address, port = candidates[0] if first else next_address(candidates, here)
         try:
-            with trio.fail_after(RESOLVE_TIMEOUT):
-                addresses = await trio.to_thread.run_sync(
-                    self.lookup, host, port, self.sock.family, **{_ABANDON: True})
-        except trio.TooSlowError:
-            log.warning("cannot resolve %s: no answer within %g s%s", host, RESOLVE_TIMEOUT, again)
-            return False
-        except (OSError, UnicodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            log.warning("cannot resolve %s: %s%s", host, reason, again)
-            return False
-        if not addresses:
-            log.warning("cannot resolve %s: no usable address%s", host, again)
-            return False
-        current = host_of(self.peer.endpoint)
-        chosen = addresses[0] if first else next_address(addresses, current)
-        try:
-            endpoint = endpoint_for(self.sock, chosen, port)
+            endpoint = endpoint_for(self.sock, address, port)
         except ValueError as exc:
-            log.warning("cannot use %s for %s: %s", chosen, host, exc)
+            log.warning("cannot use %s for the hub: %s", address, exc)
             return False
         if endpoint != self.peer.endpoint:
             if not first:
-                log.info("hub %s: trying %s (was %s)", self.hub_label, chosen,
+                log.info("hub %s: trying %s (was %s)", self.hub_label,
+                         format_endpoint((address, port)),
                          format_endpoint(self.peer.endpoint) or "none")
             with self.driver.locked() as device:
                 self.peer.endpoint = endpoint
                 if not first:
+                    # A new place: the initiation goes out now, whenever the last one went to
+                    # the old place, and the wait for an answer starts again from it.
+                    self.peer.last_sent_handshake = None
                     device.initiate(self.peer, self.driver.now())
+                    self.failing_since = None
         return True
 
     async def _resolve_first(self) -> None:
@@ -236,7 +252,10 @@ class Tunnel:
                 self._nursery.start_soon(self._re_resolve)
 
     def _has_name(self) -> bool:
-        return self.peer_cfg.endpoint is not None and not is_ip(self.peer_cfg.endpoint[0])
+        """Is there anywhere else to try: a name (its addresses may change) or more
+        endpoints?"""
+        return self.peer_cfg.endpoint is not None and (
+            not is_ip(self.peer_cfg.endpoint[0]) or bool(self.peer_cfg.alternate_endpoints))
 
     def check(self, now: float) -> bool:
         """Once a second: are handshakes going unanswered? True: look the name up again."""
@@ -249,7 +268,11 @@ class Tunnel:
         if self.failing_since is None:
             self.failing_since = hs.sent
         silent = now - self.failing_since
-        if silent < RERESOLVE_AFTER:
+        # With another endpoint to try, move on soon: a live hub answers in milliseconds, or
+        # with a cookie reply when it is under load (then it is alive: stay).
+        more = bool(self.peer_cfg.alternate_endpoints)
+        threshold = FAILOVER_AFTER if more else RERESOLVE_AFTER
+        if silent < threshold or more and peer.cookies.fresh(now, 2 * REKEY_TIMEOUT):
             return False
         if self.connected or not self.warned_silent:
             log.warning("the hub at %s has not answered a handshake for %d s",
@@ -260,7 +283,7 @@ class Tunnel:
         retrying = (peer.last_sent_handshake is not None
                     and now - peer.last_sent_handshake < 2 * REKEY_TIMEOUT + 1)
         return (retrying and self._has_name() and not self.resolving
-                and now - self.last_resolve >= RERESOLVE_AFTER)
+                and now - self.last_resolve >= threshold)
 
     async def _watch(self) -> None:
         while True:

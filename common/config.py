@@ -86,6 +86,9 @@ class PeerConfig:
     endpoint: tuple[str, int] | None = None
     allowed_ips: list[IPNetwork] = field(default_factory=list)
     persistent_keepalive: int = 0
+    # `# pytun-endpoint = HOST:PORT` lines: where pytun-client tries next when the hub stops
+    # answering. A comment, so every WireGuard app still reads the file.
+    alternate_endpoints: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -224,6 +227,7 @@ def _set_peer(peer: dict[str, Any], key: str, value: str) -> None:
         raise KeyError(key)
 
 
+_ALTERNATE = re.compile(r"#\s*pytun-endpoint\s*=\s*(\S+)", re.I)
 _HOOKS = {"preup": "pre_up", "postup": "post_up", "predown": "pre_down", "postdown": "post_down"}
 _SINGLE = {"privatekey", "mtu", "listenport", "fwmark", "table", "saveconfig",
            "publickey", "presharedkey", "endpoint", "persistentkeepalive"}
@@ -241,6 +245,15 @@ def parse(text: str, path: str = "<config>", *, require_private_key: bool = True
         return ConfigError(f"{path}:{lineno}: {redact(msg) if quotes_input else msg}")
 
     for lineno, raw in enumerate(text.splitlines(), 1):
+        if m := _ALTERNATE.fullmatch(raw.strip()):
+            if section != "peer":
+                raise fail(lineno, "pytun-endpoint belongs in a [Peer] section")
+            try:
+                peers[-1][1].setdefault("alternate_endpoints", []).append(
+                    parse_endpoint(m.group(1)))
+            except ValueError as exc:
+                raise fail(lineno, f"pytun-endpoint: {exc}") from None
+            continue
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -365,6 +378,8 @@ def _render(config: WgConfig, *, wg_quick: bool, placeholder_public_key: bytes |
             out.append(f"PresharedKey = {keys.encode_key(p.preshared_key)}")
         if p.endpoint is not None:
             out.append(f"Endpoint = {format_endpoint(p.endpoint)}")
+        if wg_quick:
+            out.extend(f"# pytun-endpoint = {format_endpoint(e)}" for e in p.alternate_endpoints)
         if p.allowed_ips:
             out.append("AllowedIPs = " + ", ".join(str(n) for n in p.allowed_ips))
         if p.persistent_keepalive:

@@ -83,6 +83,11 @@ class CookieGenerator:
         self._cookie_born = 0.0
         self._last_mac1: bytes | None = None
 
+    def fresh(self, now: float, within: float) -> bool:
+        """Did the other side send a cookie reply in the last `within` seconds (it is alive,
+        but under load)?"""
+        return self._cookie is not None and now - self._cookie_born < within
+
     def add_macs(self, msg_alpha: bytes, now: float) -> bytes:
         mac1 = MAC(self._mac1_key, msg_alpha)
         self._last_mac1 = mac1

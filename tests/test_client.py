@@ -455,9 +455,9 @@ class FakeDriver:
         self.changes += 1
 
 
-def make_tunnel(endpoint: str, lookup) -> tunnel.Tunnel:
+def make_tunnel(endpoint: str, lookup, peer_extra: str = "") -> tunnel.Tunnel:
     """A Tunnel with its engine and socket but no TUN device or routes (no root needed)."""
-    cfg = config.parse(conf(endpoint=endpoint))
+    cfg = config.parse(conf(endpoint=endpoint, peer_extra=peer_extra))
     t = tunnel.Tunnel(cfg, "alice", "alice.conf", "/nonexistent", lookup=lookup,
                       resolve_retry=0.01)
     t.sock = open_udp(0)
@@ -524,8 +524,57 @@ def test_unanswered_handshakes_look_the_name_up_again_and_move_on(messages):
         trio.run(scenario, clock=clock)
     finally:
         t.sock.close()
-    assert "INFO: hub vpn.example.com:51820: trying 192.0.2.8 (was 192.0.2.7:51820)" in messages
+    assert "INFO: hub vpn.example.com:51820: trying 192.0.2.8:51820 (was 192.0.2.7:51820)" \
+        in messages
     assert "INFO: handshake with hub 192.0.2.8:51820" in messages
+
+
+def test_unanswered_handshakes_move_on_to_the_next_pytun_endpoint_and_round_again(messages):
+    """A hub at an IP address with two more in `# pytun-endpoint` lines (a second hub with
+    the same key, or another way in): the client goes through them in order."""
+    looked_up = []
+
+    def lookup(host, port, family):
+        looked_up.append(host)
+        return ["192.0.2.20", "192.0.2.21"]
+
+    t = make_tunnel("192.0.2.7:51820", lookup, "# pytun-endpoint = 192.0.2.9:51821\n"
+                    "#pytun-endpoint=hub-b.example.com:51822\n")
+    clock = trio.testing.MockClock()
+    seen = []
+
+    async def scenario():
+        await t._resolve_first()
+        seen.append(t.peer.endpoint)
+        for _ in range(4):
+            t.device.initiate(t.peer, trio.current_time())
+            clock.jump(15.5)
+            t.peer.last_sent_handshake = trio.current_time()  # still retrying
+            assert t.check(trio.current_time())
+            await t._re_resolve()
+            seen.append(t.peer.endpoint)
+
+    try:
+        trio.run(scenario, clock=clock)
+    finally:
+        t.sock.close()
+    assert [(v4(e), e[1]) for e in seen] == [("192.0.2.7", 51820), ("192.0.2.9", 51821),
+                                             ("192.0.2.20", 51822), ("192.0.2.21", 51822),
+                                             ("192.0.2.7", 51820)]
+    assert looked_up == ["hub-b.example.com"] * 4  # the IP addresses are never looked up
+    assert t.driver.changes == 5
+
+
+def test_pytun_endpoint_lines_are_read_and_written_and_stock_tools_ignore_them():
+    text = conf(peer_extra="# pytun-endpoint = [2001:db8::9]:51820\n")
+    parsed = config.parse(text)
+    assert parsed.peers[0].alternate_endpoints == [("2001:db8::9", 51820)]
+    assert "# pytun-endpoint = [2001:db8::9]:51820" in config.render(parsed)
+    assert "pytun-endpoint" not in config.strip(text)  # what `wg setconf` gets
+    with pytest.raises(config.ConfigError, match=r":3: pytun-endpoint belongs in a \[Peer\]"):
+        config.parse(f"[Interface]\nPrivateKey = {B(PRIV)}\n# pytun-endpoint = h:1\n")
+    with pytest.raises(config.ConfigError, match="pytun-endpoint: "):
+        config.parse(conf(peer_extra="# pytun-endpoint = nonsense\n"))
 
 
 def test_an_ip_endpoint_is_never_looked_up():
