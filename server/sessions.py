@@ -20,13 +20,18 @@ from ..common.peer import REJECT_AFTER_TIME
 log = logging.getLogger("pytun.session")
 
 
+MOVE_LOG_EVERY = 10.0  # at most one "endpoint changed" line per session this often
+
+
 class Session:
-    __slots__ = ("peer", "started", "started_wall", "rx0", "tx0")
+    __slots__ = ("peer", "started", "started_wall", "rx0", "tx0", "moves", "move_logged")
 
     def __init__(self, peer, now: float, wall: float):
         self.peer = peer
         self.started = now
         self.started_wall = wall
+        self.moves = 0  # endpoint changes, all counted; logged at most every MOVE_LOG_EVERY
+        self.move_logged: float | None = None
         # The handshake that started it is counted in the peer's totals already.
         self.rx0 = peer.rx_bytes
         self.tx0 = peer.tx_bytes
@@ -49,10 +54,15 @@ class SessionLog:
         elif kind == "endpoint":
             session = self.active.get(peer.name)
             if session is not None and session.peer is peer:
+                session.moves += 1
+                now = self.clock()
+                if session.move_logged is not None and now - session.move_logged < MOVE_LOG_EVERY:
+                    return  # a laptop hopping ports: counted, and the end line says how often
+                session.move_logged = now
                 endpoint = format_endpoint(detail)
                 log.info("session %s: endpoint changed to %s", peer.name, endpoint,
                          extra={"fields": {"event": "session_endpoint", "peer": peer.name,
-                                           "endpoint": endpoint}})
+                                           "endpoint": endpoint, "moves": session.moves}})
 
     def _start(self, peer) -> None:
         self.active[peer.name] = Session(peer, self.clock(), self.wallclock())
@@ -70,12 +80,13 @@ class SessionLog:
         duration = max(0.0, end - session.started)
         rx, tx = peer.rx_bytes - session.rx0, peer.tx_bytes - session.tx0
         endpoint = format_endpoint(peer.endpoint)
-        log.info("session %s: ended (%s) after %s, from %s, received %d B, sent %d B",
-                 peer.name, _REASONS.get(reason, reason), _duration(duration), endpoint or "?",
-                 rx, tx,
+        log.info("session %s: ended (%s) after %s, from %s, received %d B, sent %d B, %d"
+                 " endpoint changes", peer.name, _REASONS.get(reason, reason),
+                 _duration(duration), endpoint or "?", rx, tx, session.moves,
                  extra={"fields": {"event": "session_end", "peer": peer.name, "reason": reason,
                                    "endpoint": endpoint, "duration_seconds": round(duration, 1),
-                                   "rx_bytes": rx, "tx_bytes": tx}})
+                                   "rx_bytes": rx, "tx_bytes": tx,
+                                   "endpoint_changes": session.moves}})
 
     def check(self, peers: dict, disabled: set[str] = frozenset()) -> None:
         """End sessions whose handshake is older than 180 s or whose peer left the device.

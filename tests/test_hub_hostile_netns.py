@@ -164,7 +164,10 @@ def test_an_endpoint_storm_leaves_the_hub_responsive_and_bounded(topology, tmp_p
     wait_until(lambda: hub.admin("list-peers", "--json").stdout and _stored_endpoint(hub) == last,
                timeout=5, what="the registry to hold the last endpoint")
     # The moves not logged one by one are summed up once their 10 s window closes.
-    wait_until(lambda: "more moves" in hub.log(), timeout=15, what="the summary of the moves")
+    try:
+        wait_until(lambda: "more moves" in hub.log(), timeout=15, what="the summary of the moves")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{hub.log()[-3000:]}") from None
     rss_after, hwm = rss_kib(pid)
     lines = hub.log().splitlines()[log_before:]
     storm_lines = [line for line in lines if "storm" in line]
@@ -178,8 +181,9 @@ def test_an_endpoint_storm_leaves_the_hub_responsive_and_bounded(topology, tmp_p
     assert max(show_times) < 1.0 and max(get_times) < 1.0
     assert len(show_times) >= 5 and len(get_times) >= 50
     assert rss_peak - rss_before < 8 * 1024 and rss_after - rss_before < 8 * 1024
-    assert 2 <= len(storm_lines) <= 5, storm_lines
-    assert len(lines) <= 8, lines
+    # The hub's own lines and the session log's, each at most one per 10 s and peer.
+    assert 2 <= len(storm_lines) <= 8, storm_lines
+    assert len(lines) <= 10, lines
     # Counted after the driver's coalescing (the latest move per batch), so somewhat fewer.
     moves = sum(int(x.split("at least ")[1].split()[0]) for x in storm_lines if "more moves" in x)
     assert n // 2 <= moves + sum("moved to" in x for x in storm_lines) <= n

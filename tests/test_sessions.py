@@ -110,3 +110,19 @@ def test_json_and_logfmt_lines_carry_the_fields():
     # A line without fields still formats.
     assert json.loads(logformat.JsonFormatter().format(
         logging.LogRecord("pytun", logging.WARNING, __file__, 1, "x %d", (1,), None)))["msg"] == "x 1"
+
+
+def test_a_laptop_hopping_ports_gets_one_endpoint_line_per_ten_seconds(caplog):
+    caplog.set_level(logging.INFO, logger="pytun.session")
+    clock = Clock()
+    log = SessionLog(clock=clock, wallclock=lambda: 1_700_000_000.0)
+    bob = FakePeer("bob")
+    _handshake(log, bob, clock)
+    for i in range(480):  # 16 source ports a second for 30 s (steps exact in binary)
+        clock.t += 0.0625
+        bob.endpoint = ("198.51.100.18", 20000 + i)
+        log.on_event("endpoint", bob, bob.endpoint)
+    moved = [f for f in _fields(caplog) if f["event"] == "session_endpoint"]
+    assert [m["moves"] for m in moved] == [1, 161, 321]  # the first, then every 10 s
+    log.close()
+    assert _fields(caplog)[-1]["endpoint_changes"] == 480
