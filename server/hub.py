@@ -29,6 +29,7 @@ from ..common import keys, linux
 from ..common.device import Device
 from ..common.driver import Driver, endpoint_for, format_endpoint, open_udp
 from . import control, nat, policy, state
+from . import invites
 from .registry import Registry, RegistryError
 
 log = logging.getLogger("pytun")
@@ -84,6 +85,9 @@ class Hub:
         self._refused: set[str] = set()  # registered but disabled or expired
         self._peer_expiry: float | None = None  # when the next peer expires
         self._warned: dict[str, int] = {}  # name -> the expiry already warned about
+        # Enrollment by invite: datagrams of its type reach the enroller (server/invites.py).
+        self.enroller = invites.Enroller(self)
+        self.device.other_handler = self.enroller.on_datagram
 
     # -- registry ------------------------------------------------------------------------------
 
@@ -441,6 +445,7 @@ class Hub:
                             sticky=True, vnet_hdr=True)
             self._redial(driver.now(), time.time())
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.enroller.run)
                 await nursery.start(driver.run)
                 self.driver = driver
                 await nursery.start(control.serve, state.socket_path(self.state_dir),
