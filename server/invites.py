@@ -63,6 +63,7 @@ class Outcome:
     penalize: bool = False  # a wrong invite: the source waits
     enrolled: Peer | None = None
     message: str | None = None  # for the log
+    kind: str = "refused"  # what is logged at most once per LOG_EVERY per source address
 
 
 class Enroller:
@@ -80,7 +81,7 @@ class Enroller:
         self._token = None  # trio's, while run() runs
         self._wake: trio.Event | None = None
         self._scheduled = False
-        self._logged: dict[str, list] = {}  # source address -> [time of last line, not logged]
+        self._logged: dict[tuple, list] = {}  # (source address, kind) -> [last line, not logged]
 
     # -- on the data-plane thread, under the device lock ------------------------------------------
 
@@ -170,7 +171,7 @@ class Enroller:
         if outcome.enrolled is not None:
             log.info("%s", outcome.message)
         elif outcome.message:
-            self._log_limited(src, outcome.message)
+            self._log_limited(src, outcome.kind, outcome.message)
 
     def _remember(self, digest: bytes, reply: bytes, now: float) -> None:
         answered = self._answered
@@ -180,9 +181,10 @@ class Enroller:
             del answered[key]  # oldest first: expired, or room for the new one
         answered[digest] = (reply, now + ANSWERED_FOR)
 
-    def _log_limited(self, src, message: str) -> None:
-        """One line per source address per LOG_EVERY; the others are counted in the next."""
-        host, now = src[0], self.monotonic()
+    def _log_limited(self, src, kind: str, message: str) -> None:
+        """One line per source address and kind of failure per LOG_EVERY; the others are
+        counted in the next."""
+        host, now = (src[0], kind), self.monotonic()
         seen = self._logged.get(host)
         if seen is not None and now - seen[0] < LOG_EVERY:
             seen[1] += 1
@@ -201,13 +203,14 @@ class Enroller:
         try:
             request = enroll.open_request_untrusted(self.device.private_key, data)
         except enroll.EnrollFailure as exc:
-            return Outcome(drop="enroll_bad_request", message=f"unreadable request ({exc.reason})")
+            return Outcome(drop="enroll_bad_request", kind="unreadable",
+                           message=f"unreadable request ({exc.reason})")
         registry, settings = self.hub.registry, self.hub.settings
         invite = registry.get_invite(request.invite_id.hex())
         check = enroll.verifier(request.invite_id, request.secret)
         if invite is None or not hmac.compare_digest(invite.verifier, check):
             return Outcome(reply=self._reply(request, False, WRONG_INVITE),
-                           drop="enroll_bad_invite", penalize=True,
+                           drop="enroll_bad_invite", penalize=True, kind="wrong",
                            message=f"wrong invite (id {request.invite_id.hex()})")
         if invite.state(now) != "pending":
             return self._refuse(request, invite.refusal())

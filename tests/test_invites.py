@@ -544,24 +544,29 @@ def test_a_lost_reply_is_answered_again_from_memory(hub_dir, capsys):
         assert "alice" in hub.peers
 
 
-def test_failed_enrollments_are_logged_once_per_source_per_few_seconds(hub_dir, caplog):
+def test_failed_enrollments_are_logged_once_per_source_per_few_seconds(hub_dir):
+    import logging
     from pytun.server import invites
+
+    lines = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("pytun")
     with SqliteRegistry(state.registry_path(hub_dir)) as r:
         hub = Hub(hub_dir, state.load_settings(hub_dir), state.load_private_key(hub_dir), r)
         clock = [100.0]
         hub.enroller.monotonic = lambda: clock[0]
-        caplog.set_level("WARNING", logger="pytun")
-        logger = __import__("logging").getLogger("pytun")
-        logger.propagate, was = True, logger.propagate
+        logger.addHandler(handler)
         try:
             for t in (100.0, 101.0, 103.0, 100.0 + invites.LOG_EVERY + 0.1):
                 clock[0] = t
-                hub.enroller._log_limited(("198.51.100.2", 1000 + int(t)), "wrong invite")
-            hub.enroller._log_limited(("198.51.100.3", 1), "wrong invite")  # another source
+                hub.enroller._log_limited(("198.51.100.2", 1000 + int(t)), "wrong", "wrong invite")
+            hub.enroller._log_limited(("198.51.100.3", 1), "wrong", "wrong invite")
+            hub.enroller._log_limited(("198.51.100.2", 1), "refused", "invite used")
         finally:
-            logger.propagate = was
-        lines = [rec.getMessage() for rec in caplog.records]
-        assert lines == [
-            "enrollment from 198.51.100.2:1100 refused: wrong invite",
-            "enrollment from 198.51.100.2:1105 refused: wrong invite (2 more from there not logged)",
-            "enrollment from 198.51.100.3:1 refused: wrong invite"]
+            logger.removeHandler(handler)
+    assert lines == [
+        "enrollment from 198.51.100.2:1100 refused: wrong invite",
+        "enrollment from 198.51.100.2:1105 refused: wrong invite (2 more from there not logged)",
+        "enrollment from 198.51.100.3:1 refused: wrong invite",
+        "enrollment from 198.51.100.2:1 refused: invite used"]
