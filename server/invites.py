@@ -149,6 +149,9 @@ class Enroller:
             outcome = await trio.to_thread.run_sync(self.handle, data, self.wallclock())
         except RegistryError as exc:  # the registry could not be read
             outcome = Outcome(drop="enroll_failed", message=f"registry: {exc}")
+        except Exception as exc:  # a bug here must not stop the hub
+            log.exception("enrollment failed")
+            outcome = Outcome(drop="enroll_failed", message=f"{type(exc).__name__}")
         if outcome.enrolled is not None:
             self.enrolled += 1
             try:
