@@ -2,6 +2,7 @@
 
     pytun-admin init --subnet 10.77.0.0/24 --endpoint vpn.example.com
     pytun-admin add-peer alice -o alice.conf
+    pytun-admin invite bob          (a one-time token; bob's laptop makes its own key pair)
     pytun-admin list-peers
     pytun-admin show
 
@@ -726,8 +727,8 @@ def cmd_invite(args) -> int:
                         created=now)
         qr = _qr_text(text) if args.qr else None
         registry.add_invite(invite)
-    print(f"invite {invite.id} for {invite.name}, valid until {_when(expires)} and once; on the"
-          f" laptop: pytun-client enroll TOKEN -o {invite.name}.conf", file=sys.stderr)
+    print(f"invite {invite.id} for {invite.name}, valid once until {_when(expires)}; on the"
+          f" laptop: pytun-client enroll TOKEN", file=sys.stderr)
     if qr:
         sys.stdout.write(qr)
     print(text)
