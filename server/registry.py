@@ -850,6 +850,13 @@ class SqliteRegistry(Registry):
         if getattr(self, "_allocation_fd", None) is not None:
             yield  # held already, until close()
             return
+        path = f"{self.path}.lock"
+        if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+            # Another user's (root's pytun-admin beside a hub that runs as its own user). The
+            # lock only spares a concurrent add-peer an error: add() still refuses, inside its
+            # transaction, an address another peer took meanwhile.
+            yield
+            return
         self.hold_allocation_lock(timeout)
         try:
             yield

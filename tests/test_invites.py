@@ -570,3 +570,23 @@ def test_failed_enrollments_are_logged_once_per_source_per_few_seconds(hub_dir):
         "enrollment from 198.51.100.2:1105 refused: wrong invite (2 more from there not logged)",
         "enrollment from 198.51.100.3:1 refused: wrong invite",
         "enrollment from 198.51.100.2:1 refused: invite used"]
+
+
+def test_a_lock_file_of_another_user_does_not_stop_enrollment(reg, tmp_path, monkeypatch):
+    """pytun-admin (root) made registry.db.lock, 0600, and the hub runs as its own user, which
+    cannot open it: the hub enrolls all the same, and add() still refuses a taken address."""
+    from pytun.server import registry as registry_module
+    with SqliteRegistry(str(tmp_path / "registry.db")) as admin_side:
+        admin_side.hold_allocation_lock()  # the file exists now
+    lock = str(tmp_path / "registry.db.lock")
+    real_access = os.access
+    monkeypatch.setattr(registry_module.os, "access",
+                        lambda p, mode: False if p == lock else real_access(p, mode))
+    with reg.allocation_lock(timeout=0.1):
+        address = reg.allocate_address(SUBNET, HUB_IPS)
+        with SqliteRegistry(str(tmp_path / "registry.db")) as other:  # a concurrent add-peer
+            other.hold_allocation_lock(timeout=0.05)  # free: the hub could not take it
+            other.add(Peer(name="bob", public_key=pub(2), address=address))
+        with pytest.raises(RegistryError, match="already used by peer 'bob'"):
+            reg.add(Peer(name="alice", public_key=pub(1), address=address))
+    assert [p.name for p in reg.list()] == ["bob"]
