@@ -152,3 +152,56 @@ def test_refused_tokens_and_a_guessing_source(topology, tmp_path):
     WgGoLaptop(other, tmp_path, path.read_text(), ipv6=False)
     assert ping(other, HUB_INNER, count=2)
     assert [p["name"] for p in json.loads(hub.admin("list-peers", "--json").stdout)] == ["dave"]
+
+
+def test_enroll_with_the_hub_in_its_units_sandbox_as_its_own_user(topology, tmp_path):
+    """As the systemd unit runs it: User= (a free uid), its capabilities, its system call
+    filter, a read-only system. Root's pytun-admin makes the allocation lock file after the hub
+    started, which the hub's user then cannot open; the laptop enrolls all the same."""
+    import pathlib
+    import shutil
+    import tempfile
+
+    from . import sandbox
+    from .test_deploy import SERVER_UNIT, parse_unit, values, words
+
+    require_tools("unshare", "setpriv", "iptables-legacy-save", "ping")
+    unit = parse_unit(SERVER_UNIT)
+    caps = sandbox.unit_caps(words(unit, "Service", "CapabilityBoundingSet"))
+    rw = sorted(p.lstrip("-") for p in words(unit, "Service", "ReadWritePaths"))
+    syscalls = sandbox.syscall_filter(values(unit, "Service", "SystemCallFilter"))
+    uid = sandbox.free_uid()
+    base = pathlib.Path(tempfile.mkdtemp(prefix="pytun-hub-", dir="/tmp"))
+    os.chmod(base, 0o755)
+
+    class SandboxedHub(Hub):
+        def start(self) -> None:
+            for path in [self.state_dir, *(os.path.join(self.state_dir, f)
+                                           for f in os.listdir(self.state_dir))]:
+                os.chown(path, uid, uid)  # what StateDirectory= with User= does
+            with open(self.log_path, "a") as log:
+                self.proc = self.ns.popen(
+                    sandbox.command(base, caps, rw, uid, [PY, "-m", "pytun.server.main",
+                                                          "--state-dir", self.state_dir],
+                                    syscalls=syscalls),
+                    env=sandbox.sandbox_env(), stdout=log, stderr=subprocess.STDOUT)
+            wait_until(self.running, timeout=15, what=f"the hub to answer ({self.log_path})")
+
+    try:
+        hub = SandboxedHub(topology, base)
+        hub.start()
+        hub.add_peer("carol")  # root's pytun-admin, while the hub runs: it makes the lock file
+        lock = os.stat(os.path.join(hub.state_dir, "registry.db.lock"))
+        assert (lock.st_uid, lock.st_mode & 0o777) == (0, 0o600)
+        token = hub.admin("invite", "alice").stdout.strip()
+        lap, _ = hub.connect_laptop()
+        path = base / f"{unique('pc')}.conf"
+        done = enroll_in(lap, token, path)
+        assert done.returncode == 0, done.stderr + hub.log()
+        assert "(10.77.0.3)" in done.stdout  # carol has .2
+        UpLaptop(lap, base, path)
+        assert ping(lap, HUB_INNER, count=2)
+        assert "error" not in hub.log().lower(), hub.log()
+        assert hub.stop() == 0
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
