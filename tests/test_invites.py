@@ -590,3 +590,27 @@ def test_a_lock_file_of_another_user_does_not_stop_enrollment(reg, tmp_path, mon
         with pytest.raises(RegistryError, match="already used by peer 'bob'"):
             reg.add(Peer(name="alice", public_key=pub(1), address=address))
     assert [p.name for p in reg.list()] == ["bob"]
+
+
+def test_enroll_over_an_ipv6_underlay(tmp_path, capsys):
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        sock.bind(("::1", 0))
+    except OSError:
+        sock.close()
+        pytest.skip("no IPv6 loopback here")
+    port = sock.getsockname()[1]
+    d = str(tmp_path / "state")
+    assert admin.main(["--state-dir", d, "init", "--subnet", "10.77.0.0/24",
+                       "--endpoint", f"[::1]:{port}"]) == 0
+    capsys.readouterr()
+    m = MiniHub(d, sock)
+    try:
+        token = invite(capsys, d, "alice")
+        assert enroll.parse_token(token).endpoint == f"[::1]:{port}"
+        rc, out, err = run_client(capsys, "enroll", token, "-o", str(tmp_path / "a.conf"))
+        assert rc == 0, err
+        assert config.load(str(tmp_path / "a.conf")).peers[0].endpoint == ("::1", port)
+        assert m.registry.get("alice").address == ipaddress.ip_interface("10.77.0.2/32")
+    finally:
+        m.close()
