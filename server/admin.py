@@ -729,6 +729,12 @@ def cmd_invite(args) -> int:
         registry.add_invite(invite)
     print(f"invite {invite.id} for {invite.name}, valid once until {_when(expires)}; on the"
           f" laptop: pytun-client enroll TOKEN", file=sys.stderr)
+    try:  # the running hub answers enrollments; the token is checked against the registry then
+        control.request(state.socket_path(args.state_dir), [("stats", "1")])
+    except control.HubNotRunning:
+        print("hub not running; the token works once it runs", file=sys.stderr)
+    except control.ControlError:
+        pass
     if qr:
         sys.stdout.write(qr)
     print(text)

@@ -188,6 +188,7 @@ def test_admin_invite_prints_a_token_and_stores_only_a_hash(hub_dir, capsys):
     assert token.name == "alice" and token.endpoint == "127.0.0.1:51999"
     assert token.hub_public == keys.decode_key(state.public_key(d))
     assert err.startswith(f"invite {token.id_hex} for alice, valid once until ")
+    assert err.splitlines()[1] == "hub not running; the token works once it runs"
     stored = registry_bytes(d)
     for secret in (token.secret, token.secret[:12], base64.b64encode(token.secret),
                    out.strip().encode(), out.strip()[7:40].encode()):
