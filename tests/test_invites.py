@@ -615,3 +615,68 @@ def test_enroll_over_an_ipv6_underlay(tmp_path, capsys):
         assert m.registry.get("alice").address == ipaddress.ip_interface("10.77.0.2/32")
     finally:
         m.close()
+
+
+# -- single use, expiry and revocation against a model ----------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+INVITES = {"a": 10, "b": 20, "c": 30}  # name -> the invite's expiry (seconds)
+ACTIONS = st.lists(st.one_of(
+    st.tuples(st.just("enroll"), st.sampled_from(sorted(INVITES)), st.integers(1, 4),
+              st.integers(0, 35)),
+    st.tuples(st.just("revoke"), st.sampled_from(sorted(INVITES)), st.just(0),
+              st.integers(0, 35)),
+    st.tuples(st.just("remove"), st.sampled_from(sorted(INVITES)), st.just(0), st.just(0)),
+), max_size=10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ACTIONS)
+def test_invites_follow_the_model(actions):
+    """Whatever the order of enrollments (with any of four laptop keys), revocations, peer
+    removals and times: an invite enrolls once at most, never after its expiry or revocation,
+    and a refused enrollment changes nothing."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d, SqliteRegistry(os.path.join(d, "r.db")) as r:
+        ids = {}
+        for n, (name, expires) in enumerate(sorted(INVITES.items())):
+            ids[name] = bytes([n]) * 8
+            r.add_invite(Invite(id=ids[name].hex(), name=name, verifier=bytes(32),
+                                expires=expires, created=0))
+        used, revoked, peers = set(), set(), {}  # the model: invites used, revoked; name -> key
+        for what, name, key, t in actions:
+            before = snapshot(r)
+            if what == "enroll":
+                ok = (name not in used and name not in revoked and t < INVITES[name]
+                      and name not in peers and pub(key) not in peers.values())
+                peer = Peer(name=name, public_key=pub(key),
+                            address=r.allocate_address(SUBNET, HUB_IPS))
+                try:
+                    r.enroll(ids[name].hex(), peer, subnet=SUBNET, reserved=HUB_IPS, now=t)
+                    done = True
+                except RegistryError:
+                    done = False
+                assert done == ok, (what, name, key, t)
+                if ok:
+                    used.add(name)
+                    peers[name] = pub(key)
+            elif what == "revoke":
+                ok = name not in used and name not in revoked and t < INVITES[name]
+                try:
+                    r.revoke_invite(name, t)
+                    done = True
+                except RegistryError:
+                    done = False
+                assert done == ok, (what, name, t)
+                if ok:
+                    revoked.add(name)
+            elif name in peers:
+                r.remove(name)
+                del peers[name]
+            if what != "remove" and not ok:
+                assert snapshot(r) == before
+            assert {p.name: p.public_key for p in r.list()} == peers
+            assert {i.name for i in r.invites() if i.used is not None} == used
+            assert {i.name for i in r.invites() if i.revoked is not None} == revoked
