@@ -17,6 +17,8 @@ import time
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pytun.client import enroll as client_enroll
 from pytun.client import main as client_main
@@ -618,9 +620,6 @@ def test_enroll_over_an_ipv6_underlay(tmp_path, capsys):
 
 
 # -- single use, expiry and revocation against a model ----------------------------------------
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 INVITES = {"a": 10, "b": 20, "c": 30}  # name -> the invite's expiry (seconds)
 ACTIONS = st.lists(st.one_of(
