@@ -9,7 +9,8 @@ port, with a message type WireGuard never uses. It travels like this:
    (enroll.Gate: 1 a second, bursts of 5). A byte-for-byte repeat of a request that enrolled
    within ANSWERED_FOR seconds is answered from memory, so a laptop whose reply was lost gets
    it again and nothing changes; a repeat of a request still being served is dropped. The rest
-   is queued (at most MAX_PENDING) for the trio side.
+   is queued for the trio side: at most MAX_PENDING waiting, and MAX_RATE a second from all
+   sources together, so a flood from many addresses cannot keep the hub busy with X25519.
 2. `Enroller.run`, a trio task, takes the queue and serves one request at a time in a worker
    thread (`handle`): the X25519 work, the registry look-up, and when the token is right and
    the invite pending, the peer's address chosen as add-peer chooses it (allocate_addresses,
@@ -47,6 +48,8 @@ from .registry import Peer, RegistryError
 log = logging.getLogger("pytun")
 
 MAX_PENDING = 32  # requests waiting for the trio side; more are dropped (enroll_busy)
+MAX_RATE = 20.0  # requests a second, all sources together, that get to the X25519 work ...
+MAX_BURST = 20.0  # ... in bursts of this many; the rest are dropped (enroll_busy)
 ANSWERED_FOR = 60.0  # seconds a request that enrolled is answered again from memory
 MAX_ANSWERED = 256
 LOG_EVERY = 5.0  # seconds between log lines about failed enrollments from one source address
@@ -82,6 +85,7 @@ class Enroller:
         self._wake: trio.Event | None = None
         self._scheduled = False
         self._logged: dict[tuple, list] = {}  # (source address, kind) -> [last line, not logged]
+        self._budget = [MAX_BURST, 0.0]  # all sources' token bucket: [tokens, last refill]
 
     # -- on the data-plane thread, under the device lock ------------------------------------------
 
@@ -107,7 +111,7 @@ class Enroller:
             return True
         if digest in self._in_progress:
             return True  # a retransmission of one being served: it gets that one's reply
-        if self._token is None or len(self._pending) >= MAX_PENDING:
+        if self._token is None or len(self._pending) >= MAX_PENDING or not self._spend(now):
             drops["enroll_busy"] += 1
             return True
         self._in_progress.add(digest)
@@ -118,6 +122,17 @@ class Enroller:
                 self._token.run_sync_soon(self._wake_up)
             except trio.RunFinishedError:
                 pass
+        return True
+
+    def _spend(self, now: float) -> bool:
+        """A token of the bucket all sources share: a flood from many addresses (each within
+        its own rate) still gets MAX_RATE requests a second to the X25519 work, no more."""
+        tokens, last = self._budget
+        tokens = min(MAX_BURST, tokens + (now - last) * MAX_RATE)
+        if tokens < 1.0:
+            self._budget = [tokens, now]
+            return False
+        self._budget = [tokens - 1.0, now]
         return True
 
     def _wake_up(self) -> None:

@@ -679,3 +679,27 @@ def test_invites_follow_the_model(actions):
             assert {p.name: p.public_key for p in r.list()} == peers
             assert {i.name for i in r.invites() if i.used is not None} == used
             assert {i.name for i in r.invites() if i.revoked is not None} == revoked
+
+
+def test_a_flood_from_many_sources_gets_a_bounded_rate_to_the_x25519_work(hub_dir, capsys):
+    from pytun.server import invites
+    token = invite(capsys, hub_dir, "alice")
+    with SqliteRegistry(state.registry_path(hub_dir)) as r:
+        hub = Hub(hub_dir, state.load_settings(hub_dir), state.load_private_key(hub_dir), r)
+        enroller, device = hub.enroller, hub.device
+        enroller._token = type("Token", (), {"run_sync_soon": lambda self, fn: None})()
+        enroller._wake = None
+        data = [request_for(token, e=bytes([i]) * 32)[0] for i in range(60)]
+        # 60 sources (each within its own rate) in the same second: a burst of MAX_BURST
+        # gets queued (MAX_PENDING bounds the queue too), the rest is busy
+        for i, d in enumerate(data):
+            device.receive(d, (f"198.51.100.{i + 1}", 1000), 50.0)
+        queued = len(enroller._pending)
+        assert queued == min(invites.MAX_BURST, invites.MAX_PENDING)
+        assert device.drops["enroll_busy"] == 60 - queued
+        enroller._pending.clear()
+        # a second later, MAX_RATE more
+        more = [request_for(token, e=bytes([100 + i]) * 32)[0] for i in range(30)]
+        for i, d in enumerate(more):
+            device.receive(d, (f"203.0.113.{i + 1}", 1000), 51.0)
+        assert len(enroller._pending) == invites.MAX_RATE
