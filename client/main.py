@@ -3,6 +3,7 @@
     pytun-client up alice.conf [--interface NAME]   runs until SIGTERM/SIGINT, then undoes it all
     pytun-client down alice.conf|alice               stops it; also cleans up after a SIGKILL
     pytun-client status [alice] [--json]             endpoint, latest handshake, bytes both ways
+    pytun-client enroll TOKEN [-o alice.conf]        join with an invite (client/enroll.py)
 
 The config is the file `pytun-admin add-peer` writes and stock WireGuard apps accept. The
 interface is named after the file as wg-quick names it (alice.conf -> alice). Runtime files live
@@ -27,6 +28,7 @@ import trio
 
 from ..common import __version__, cli, config, control, linux
 from ..common.cli import human_ago, human_bytes
+from . import enroll as enroll_command
 from . import routes, runtime, tunnel
 from .runtime import TunnelError
 
@@ -385,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("interface", metavar="IFACE", nargs="?")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_status, verbose=False)
+
+    enroll_command.add_parser(sub)
     return p
 
 
@@ -412,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     _setup_logging(args.verbose)
     return cli.run(PROG, args.fn, args,
-                   (ClientError, TunnelError, config.ConfigError, linux.LinuxError))
+                   (ClientError, TunnelError, config.ConfigError, linux.LinuxError,
+                    enroll_command.EnrollError))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     pytun-admin init --subnet 10.77.0.0/24 --endpoint vpn.example.com
     pytun-admin add-peer alice -o alice.conf
+    pytun-admin invite bob          (a one-time token; bob's laptop makes its own key pair)
     pytun-admin list-peers
     pytun-admin show
 
@@ -189,6 +190,21 @@ def _secret_stdout() -> None:
                              f"use -o FILE") from None
 
 
+def allocate_addresses(registry, settings, given: dict | None = None) -> tuple:
+    """(address, address6, reserved) for a new peer: the address given for each IP version
+    (popped from `given`), else the lowest free one of each of the hub's subnets. `reserved`,
+    the hub's own addresses, goes to registry.add() too. Hold the registry's allocation lock
+    from here until add() stores them (add-peer, and the hub's enrollment of an invite)."""
+    given = {} if given is None else given
+    reserved = {a.ip for a in settings.addresses}
+    subnet, subnet6 = settings.subnet, settings.subnet6
+    address = given.pop(subnet.version, None) or registry.allocate_address(subnet, reserved)
+    address6 = None
+    if subnet6 is not None:
+        address6 = given.pop(6, None) or registry.allocate_address(subnet6, reserved)
+    return address, address6, reserved
+
+
 def cmd_add_peer(args) -> int:
     keepalive = DEFAULT_KEEPALIVE if args.keepalive is None else args.keepalive
     if not 0 <= keepalive <= 65535:
@@ -211,7 +227,6 @@ def cmd_add_peer(args) -> int:
             private = keys.generate_private()
             public = keys.public_from_private(private)
         psk = keys.generate_psk() if args.psk else None
-        reserved = {a.ip for a in settings.addresses}
         given = {}
         for item in _csv(args.ip):
             try:
@@ -223,11 +238,7 @@ def cmd_add_peer(args) -> int:
             if address.version in given:
                 raise AdminError(f"--ip gives two IPv{address.version} addresses")
             given[address.version] = address
-        subnet, subnet6 = settings.subnet, settings.subnet6
-        address = given.pop(subnet.version, None) or registry.allocate_address(subnet, reserved)
-        address6 = None
-        if subnet6 is not None:
-            address6 = given.pop(6, None) or registry.allocate_address(subnet6, reserved)
+        address, address6, reserved = allocate_addresses(registry, settings, given)
         for version, extra in given.items():
             raise AdminError(f"--ip {extra.ip}: the hub has no IPv{version} subnet")
         peer = Peer(name=args.name, public_key=keys.encode_key(public), address=address,
@@ -644,6 +655,132 @@ def cmd_import_wg(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------- invites
+# A one-time token instead of a config: the laptop makes its own key pair (pytun-client enroll),
+# so its private key never exists anywhere else. common/enroll.py has the token and protocol,
+# server/invites.py the hub's side; the registry stores only a hash of the token's secret.
+
+DEFAULT_INVITE_TTL = "24h"
+
+
+def cmd_invite(args) -> int:
+    if args.list:
+        if args.name or args.revoke:
+            raise AdminError("--list takes no NAME and no --revoke")
+        return _invite_list(args)
+    if args.revoke:
+        if args.name:
+            raise AdminError("give --revoke NAME_OR_ID alone")
+        return _invite_revoke(args)
+    if not args.name:
+        raise AdminError("give the NAME to invite, --list, or --revoke NAME_OR_ID")
+    if args.json:
+        raise AdminError("--json goes with --list")
+    from pytun.common import enroll
+    from .registry import Invite
+
+    keepalive = DEFAULT_KEEPALIVE if args.keepalive is None else args.keepalive
+    if not 0 <= keepalive <= 65535:
+        raise AdminError("--keepalive must be from 0 (off) to 65535 seconds")
+    now = int(time.time())
+    expires = now + parse_duration(args.ttl or DEFAULT_INVITE_TTL)
+    if args.expires and args.peer_ttl:
+        raise AdminError("give the peer --expires or --peer-ttl, not both")
+    peer_expires = parse_time(args.expires) if args.expires else None
+    if peer_expires is not None and peer_expires <= expires:
+        raise AdminError(f"--expires {args.expires} comes before the invite's own end "
+                         f"({_when(expires)}): the peer could expire before it enrolls")
+    peer_ttl = parse_duration(args.peer_ttl) if args.peer_ttl else None
+    settings, registry = _open(args)
+    with registry:
+        hub_public = keys.public_from_private(state.load_private_key(args.state_dir))
+        _secret_stdout()  # the token is a secret until it is used
+        token = enroll.new_token(hub_public, settings.endpoint, args.name, os.urandom)
+        try:
+            text = token.encode()
+        except enroll.BadToken as exc:
+            raise AdminError(str(exc)) from None
+        invite = Invite(id=token.id_hex, name=args.name,
+                        verifier=enroll.verifier(token.invite_id, token.secret), expires=expires,
+                        groups=_csv(args.group), full_tunnel=args.full_tunnel,
+                        keepalive=keepalive, peer_expires=peer_expires, peer_ttl=peer_ttl,
+                        created=now)
+        qr = _qr_text(text) if args.qr else None
+        registry.add_invite(invite)
+    print(f"invite {invite.id} for {invite.name}, valid once until {_when(expires)}; on the"
+          f" laptop: pytun-client enroll TOKEN", file=sys.stderr)
+    try:  # the running hub answers enrollments; the token is checked against the registry then
+        control.request(state.socket_path(args.state_dir), [("stats", "1")])
+    except control.HubNotRunning:
+        print("hub not running; the token works once it runs", file=sys.stderr)
+    except control.ControlError:
+        pass
+    if qr:
+        sys.stdout.write(qr)
+    print(text)
+    return 0
+
+
+def _invite_list(args) -> int:
+    _, registry = _open(args)
+    with registry:
+        invites = registry.invites()
+    now = time.time()
+    if args.json:
+        print(json.dumps([{
+            "id": i.id, "name": i.name, "state": i.state(now), "expires": i.expires,
+            "created": i.created, "groups": i.groups, "full_tunnel": i.full_tunnel,
+            "keepalive": i.keepalive, "peer_expires": i.peer_expires, "peer_ttl": i.peer_ttl,
+            "used": i.used, "used_by": i.used_by, "revoked": i.revoked,
+        } for i in invites], indent=2))
+    elif invites:
+        def peer_expiry(i):
+            if i.peer_ttl is not None:
+                unit = next(u for u in "wdhms" if i.peer_ttl % DURATION[u] == 0)
+                return f"{i.peer_ttl // DURATION[unit]}{unit} after enrolling"
+            return _when(i.peer_expires) if i.peer_expires else "never"
+
+        sys.stdout.write(_table(
+            ["ID", "NAME", "STATE", "VALID UNTIL", "GROUPS", "PEER EXPIRES", "USED BY"],
+            [[i.id, i.name, i.state(now), _when(i.expires),
+              ",".join((["full-tunnel"] if i.full_tunnel else []) + i.groups) or "-",
+              peer_expiry(i), i.used_by or "-"] for i in invites]))
+    else:
+        print("no invites; make one with pytun-admin invite NAME", file=sys.stderr)
+    return 0
+
+
+def _invite_revoke(args) -> int:
+    _, registry = _open(args)
+    with registry:
+        revoked = registry.revoke_invite(args.revoke, time.time())
+    for invite in revoked:
+        print(f"revoked invite {invite.id} for {invite.name}")
+    return 0
+
+
+def _add_invite_parser(add) -> None:
+    sp = add("invite", cmd_invite, "invite a laptop with a one-time token; its private key is"
+             " made on the laptop (pytun-client enroll TOKEN)")
+    sp.add_argument("name", metavar="NAME", nargs="?", help="the peer the token makes")
+    sp.add_argument("--ttl", metavar="DURATION",
+                    help=f"how long the token works (default {DEFAULT_INVITE_TTL}): 90m, 12h, 7d")
+    sp.add_argument("--expires", metavar="TIME",
+                    help="the peer is refused from this time on: 2026-12-31T18:00:00Z")
+    sp.add_argument("--peer-ttl", metavar="DURATION",
+                    help="the peer is refused this long after it enrolls: 30d")
+    sp.add_argument("--group", action="append", metavar="GROUP,...",
+                    help="groups the peer is in (created if new)")
+    sp.add_argument("--full-tunnel", action="store_true",
+                    help="send all the laptop's traffic via the hub")
+    sp.add_argument("--keepalive", type=int, metavar="SECONDS",
+                    help=f"PersistentKeepalive (default {DEFAULT_KEEPALIVE}; 0 = off)")
+    sp.add_argument("--qr", action="store_true", help="print the token as a QR code too")
+    sp.add_argument("--list", action="store_true", help="list invites and what became of them")
+    sp.add_argument("--json", action="store_true", help="with --list")
+    sp.add_argument("--revoke", metavar="NAME_OR_ID", help="revoke a pending invite")
+
+
 # ---------------------------------------------------------------------------------- parser
 
 
@@ -711,6 +848,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refused from this time on: 2026-12-31T18:00:00Z (ISO 8601, an offset"
                          " or Z)")
     sp.add_argument("--ttl", metavar="DURATION", help="refused after this long: 12h, 30d, 2w")
+
+    _add_invite_parser(add)
 
     sp = add("set-groups", cmd_set_groups, "put a peer in exactly these groups")
     sp.add_argument("name", metavar="NAME")

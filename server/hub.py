@@ -28,7 +28,7 @@ import trio
 from ..common import control, keys, linux
 from ..common.device import Device
 from ..common.driver import Driver, endpoint_for, format_endpoint, open_udp
-from . import firewall, nat, policy, state
+from . import firewall, invites, nat, policy, state
 from .registry import Registry, RegistryError
 from .ops import MetricsError, Operations
 
@@ -87,6 +87,9 @@ class Hub:
         self._refused: set[str] = set()  # registered but disabled or expired
         self._peer_expiry: float | None = None  # when the next peer expires
         self._warned: dict[str, int] = {}  # name -> the expiry already warned about
+        # Enrollment by invite: datagrams of its type reach the enroller (server/invites.py).
+        self.enroller = invites.Enroller(self)
+        self.device.other_handler = self.enroller.on_datagram
 
     # -- registry ------------------------------------------------------------------------------
 
@@ -456,6 +459,7 @@ class Hub:
             except MetricsError as exc:
                 raise StartupError(str(exc)) from None
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.enroller.run)
                 await nursery.start(driver.run)
                 self.driver = driver
                 await nursery.start(control.serve, state.socket_path(self.state_dir),

@@ -11,6 +11,7 @@ by polling `change_token()`, which is cheap: it reads SQLite's data_version coun
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -225,6 +226,36 @@ class Registry(abc.ABC):
         proposes then stays free until add() stores it. A dead process lets go at once.
         (SQLite: flock on a file beside the database; PostgreSQL: an advisory lock.)"""
 
+    # -- invites: one-time tokens a laptop enrolls with (server/invites.py) -------------------
+
+    @abc.abstractmethod
+    def add_invite(self, invite: "Invite") -> None:
+        """Store a new invite. Refused when a peer has its name, or another invite for that
+        name is still pending."""
+
+    @abc.abstractmethod
+    def invites(self) -> list["Invite"]:
+        """Every invite, pending or not, oldest first."""
+
+    @abc.abstractmethod
+    def get_invite(self, invite_id: str) -> "Invite | None": ...
+
+    @abc.abstractmethod
+    def revoke_invite(self, name_or_id: str, now: float) -> list["Invite"]:
+        """Revoke the pending invites with this id or for this name; returns them. Refused
+        (with the reason) when none is pending."""
+
+    @abc.abstractmethod
+    def enroll(self, invite_id: str, peer: Peer, *, subnet=None, reserved=frozenset(),
+               subnet6=None, now: float) -> None:
+        """add(peer) and mark the invite used by the peer's key, in one transaction; refused
+        unless the invite is pending at `now` (a replayed enrollment changes nothing)."""
+
+    @abc.abstractmethod
+    def allocation_lock(self, timeout: float = 10.0):
+        """hold_allocation_lock() for a `with` block only: for a long-lived connection (the
+        hub's), which must not keep other writers from choosing addresses."""
+
     def __enter__(self):
         return self
 
@@ -360,6 +391,7 @@ class SqliteRegistry(Registry):
         db.execute("BEGIN IMMEDIATE")
         try:
             db.execute(_TIMESTAMPS_TABLE)  # at any schema version: see the end of this file
+            db.execute(_INVITES_TABLE)  # the same: see "invites" at the end of this file
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise RegistryError(f"{self.path} has schema version {version}; this pytun "
@@ -404,7 +436,9 @@ class SqliteRegistry(Registry):
             except sqlite3.Error as exc:
                 raise RegistryError(f"registry {self.path}: {exc}") from None
 
-    def add(self, peer: Peer, *, subnet=None, reserved=frozenset(), subnet6=None) -> None:
+    def add(self, peer: Peer, *, subnet=None, reserved=frozenset(), subnet6=None,
+            also=None) -> None:
+        """`also(db)`, when given, runs in the same transaction after the insert (enroll)."""
         if subnet6 is not None and peer.address6 is not None:
             check_in_subnet(peer.address6, subnet6, reserved)
             for site in peer.sites:
@@ -450,6 +484,8 @@ class SqliteRegistry(Registry):
             self._create_groups(db, peer.groups)
             db.execute(f"INSERT INTO peers ({', '.join(_COLUMNS)}) VALUES "
                        f"({', '.join('?' * len(_COLUMNS))})", values)
+            if also is not None:
+                also(db)
 
         self._write(insert)
 
@@ -752,6 +788,89 @@ class SqliteRegistry(Registry):
     def __repr__(self) -> str:
         return f"SqliteRegistry({self.path!r})"
 
+    # -- invites ----------------------------------------------------------------------------------
+
+    def add_invite(self, invite: "Invite") -> None:
+        now = time.time()
+
+        def insert(db):
+            row = db.execute("SELECT name FROM peers WHERE name = ? COLLATE NOCASE",
+                             (invite.name,)).fetchone()
+            if row:
+                raise RegistryError(f"a peer named {row[0]!r} already exists")
+            for other in map(_to_invite, db.execute(
+                    f"SELECT {', '.join(_INVITE_COLUMNS)} FROM invites WHERE name = ? COLLATE"
+                    " NOCASE", (invite.name,)).fetchall()):
+                if other.state(now) == "pending":
+                    raise RegistryError(f"invite {other.id} for {other.name} is still pending"
+                                        f" (until {_utc(other.expires)}); revoke it first")
+            db.execute(f"INSERT INTO invites ({', '.join(_INVITE_COLUMNS)}) VALUES "
+                       f"({', '.join('?' * len(_INVITE_COLUMNS))})", _invite_row(invite))
+
+        self._write(insert, peer_set_changed=False)
+
+    def invites(self) -> list["Invite"]:
+        return [_to_invite(r) for r in self._read(
+            f"SELECT {', '.join(_INVITE_COLUMNS)} FROM invites ORDER BY created, id")]
+
+    def get_invite(self, invite_id: str) -> "Invite | None":
+        rows = self._read(f"SELECT {', '.join(_INVITE_COLUMNS)} FROM invites WHERE id = ?",
+                          (invite_id,))
+        return _to_invite(rows[0]) if rows else None
+
+    def revoke_invite(self, name_or_id: str, now: float) -> list["Invite"]:
+        def revoke(db):
+            found = [_to_invite(r) for r in db.execute(
+                f"SELECT {', '.join(_INVITE_COLUMNS)} FROM invites WHERE id = ? OR name = ?"
+                " COLLATE NOCASE ORDER BY created", (name_or_id.lower(), name_or_id)).fetchall()]
+            if not found:
+                raise RegistryError(f"no invite named or numbered {name_or_id!r}")
+            pending = [i for i in found if i.state(now) == "pending"]
+            if not pending:
+                raise RegistryError("; ".join(i.refusal() for i in found))
+            for invite in pending:
+                db.execute("UPDATE invites SET revoked = ? WHERE id = ?", (int(now), invite.id))
+            return [dataclasses.replace(i, revoked=int(now)) for i in pending]
+
+        return self._write(revoke, peer_set_changed=False)
+
+    def enroll(self, invite_id: str, peer: Peer, *, subnet=None, reserved=frozenset(),
+               subnet6=None, now: float) -> None:
+        def claim(db):
+            row = db.execute(f"SELECT {', '.join(_INVITE_COLUMNS)} FROM invites WHERE id = ?",
+                             (invite_id,)).fetchone()
+            if row is None:
+                raise RegistryError("no such invite")
+            invite = _to_invite(row)
+            if invite.state(now) != "pending":
+                raise InviteRefused(invite.refusal())
+            db.execute("UPDATE invites SET used = ?, used_by = ? WHERE id = ? AND used IS NULL",
+                       (int(now), peer.public_key, invite_id))
+
+        invite = self.get_invite(invite_id)  # first, so a used invite says so (checked again)
+        if invite is not None and invite.state(now) != "pending":
+            raise InviteRefused(invite.refusal())
+        self.add(peer, subnet=subnet, reserved=reserved, subnet6=subnet6, also=claim)
+
+    @contextlib.contextmanager
+    def allocation_lock(self, timeout: float = 10.0):
+        if getattr(self, "_allocation_fd", None) is not None:
+            yield  # held already, until close()
+            return
+        path = f"{self.path}.lock"
+        if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+            # Another user's (root's pytun-admin beside a hub that runs as its own user). The
+            # lock only spares a concurrent add-peer an error: add() still refuses, inside its
+            # transaction, an address another peer took meanwhile.
+            yield
+            return
+        self.hold_allocation_lock(timeout)
+        try:
+            yield
+        finally:
+            fd, self._allocation_fd = self._allocation_fd, None
+            os.close(fd)
+
 
 # ---------------------------------------------------------------------------------- replay state
 # The greatest TAI64N timestamp accepted from each public key, kept apart from `peers` and keyed
@@ -764,3 +883,111 @@ CREATE TABLE IF NOT EXISTS handshake_timestamps (
     tai64n BLOB NOT NULL
 )
 """
+
+
+# ---------------------------------------------------------------------------------- invites
+# One-time tokens for `pytun-admin invite` (server/invites.py, common/enroll.py). The secret is
+# never stored: `verifier` is common.enroll.verifier(id, secret). Rows stay after use, revocation
+# or expiry, as a record of who enrolled with which key. Created by _setup at any schema version
+# (IF NOT EXISTS), like the replay state above.
+
+_INVITES_TABLE = """
+CREATE TABLE IF NOT EXISTS invites (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    verifier BLOB NOT NULL,
+    expires INTEGER NOT NULL,
+    groups TEXT NOT NULL DEFAULT '[]',
+    full_tunnel INTEGER NOT NULL DEFAULT 0,
+    keepalive INTEGER NOT NULL DEFAULT 25,
+    peer_expires INTEGER,
+    peer_ttl INTEGER,
+    created INTEGER NOT NULL,
+    used INTEGER,
+    used_by TEXT,
+    revoked INTEGER
+)
+"""
+_INVITE_COLUMNS = ("id", "name", "verifier", "expires", "groups", "full_tunnel", "keepalive",
+                   "peer_expires", "peer_ttl", "created", "used", "used_by", "revoked")
+_INVITE_ID = re.compile(r"[0-9a-f]{16}")
+
+
+class InviteRefused(RegistryError):
+    """The invite exists but is used, revoked or expired; the message says which."""
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+@dataclass
+class Invite:
+    id: str  # 16 hex digits, the token's invite id
+    name: str  # the peer it makes
+    verifier: bytes = field(repr=False)
+    expires: int  # unix seconds: the token works until then
+    groups: list[str] = field(default_factory=list)
+    full_tunnel: bool = False
+    keepalive: int = 25
+    peer_expires: int | None = None  # the peer's expiry, a time ...
+    peer_ttl: int | None = None  # ... or seconds from enrollment
+    created: int = field(default_factory=lambda: int(time.time()))
+    used: int | None = None
+    used_by: str | None = None  # the public key that enrolled
+    revoked: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not _INVITE_ID.fullmatch(self.id):
+            raise RegistryError("an invite id is 16 lowercase hex digits")
+        check_name(self.name)
+        if not isinstance(self.verifier, bytes) or len(self.verifier) != 32:
+            raise RegistryError("an invite's verifier is 32 bytes")
+        try:
+            self.groups = sorted({policy.check_group_name(g) for g in self.groups}
+                                 - set(policy.IMPLICIT_GROUPS))
+        except PolicyError as exc:
+            raise RegistryError(str(exc)) from None
+        if not isinstance(self.keepalive, int) or not 0 <= self.keepalive <= 65535:
+            raise RegistryError("keepalive must be 0 (off) to 65535 seconds, not"
+                                f" {self.keepalive!r}")
+        if self.peer_expires is not None and self.peer_ttl is not None:
+            raise RegistryError("an invite gives the peer an expiry time or a lifetime, not both")
+        self.full_tunnel = bool(self.full_tunnel)
+
+    def state(self, now: float) -> str:
+        """pending (the token works), used, revoked or expired."""
+        if self.used is not None:
+            return "used"
+        if self.revoked is not None:
+            return "revoked"
+        if now >= self.expires:
+            return "expired"
+        return "pending"
+
+    def refusal(self) -> str:
+        """Why the token no longer works, for a state other than pending."""
+        if self.used is not None:
+            return f"invite {self.id} for {self.name} was already used at {_utc(self.used)}"
+        if self.revoked is not None:
+            return f"invite {self.id} for {self.name} was revoked at {_utc(self.revoked)}"
+        return f"invite {self.id} for {self.name} expired at {_utc(self.expires)}"
+
+    def peer_expiry(self, now: float) -> int | None:
+        """The enrolled peer's expiry when it enrolls at `now`."""
+        if self.peer_ttl is not None:
+            return int(now) + self.peer_ttl
+        return self.peer_expires
+
+
+def _invite_row(invite: Invite) -> tuple:
+    return (invite.id, invite.name, invite.verifier, invite.expires, json.dumps(invite.groups),
+            int(invite.full_tunnel), invite.keepalive, invite.peer_expires, invite.peer_ttl,
+            invite.created, invite.used, invite.used_by, invite.revoked)
+
+
+def _to_invite(row) -> Invite:
+    d = dict(zip(_INVITE_COLUMNS, row))
+    d["groups"] = json.loads(d["groups"])
+    d["verifier"] = bytes(d["verifier"])
+    return Invite(**d)
