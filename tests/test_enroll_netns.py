@@ -79,6 +79,8 @@ def test_enroll_up_ping_and_the_token_is_spent(topology, tmp_path):
     assert cfg.peers[0].endpoint == ("192.0.2.1", 51820)
 
     UpLaptop(lap, tmp_path, path)
+    assert wait_until(lambda: ping(lap, HUB_INNER, timeout=1), timeout=10,
+                      what="the enrolled laptop's tunnel")
     assert ping(lap, HUB_INNER, count=3)
     assert hub.show()["alice"]["latest_handshake"] > 0
 
@@ -200,7 +202,8 @@ def test_enroll_with_the_hub_in_its_units_sandbox_as_its_own_user(topology, tmp_
         assert done.returncode == 0, done.stderr + hub.log()
         assert "(10.77.0.3)" in done.stdout  # carol has .2
         UpLaptop(lap, base, path)
-        assert ping(lap, HUB_INNER, count=2)
+        assert wait_until(lambda: ping(lap, HUB_INNER, timeout=1), timeout=10,
+                          what="the enrolled laptop's tunnel")
         assert "error" not in hub.log().lower(), hub.log()
         assert hub.stop() == 0
     finally:
