@@ -28,7 +28,7 @@ from ..common import control, keys, linux
 from ..common.config import WgConfig
 from ..common.device import Device
 from ..common.driver import Driver, endpoint_for, format_endpoint, open_udp
-from ..common.peer import REKEY_TIMEOUT
+from ..common.peer import REKEY_TIMEOUT, Event
 from . import dns, hooks, routes
 from .resolve import host_of, is_ip, lookup, next_address
 from .runtime import (STATE_VERSION, TunnelError, process_start_time, socket_path, state_path,
@@ -231,8 +231,8 @@ class Tunnel:
 
     # -- events and watching -------------------------------------------------------------------
 
-    def on_event(self, kind: str, peer, detail) -> None:
-        if kind == "handshake":
+    def on_event(self, kind: Event, peer, detail) -> None:
+        if kind is Event.HANDSHAKE:
             self.failing_since = None
             self.warned_silent = False
             self.phase = "up"
@@ -241,9 +241,9 @@ class Tunnel:
                 self.connected = True
             else:
                 log.debug("handshake with hub %s (new session)", format_endpoint(peer.endpoint))
-        elif kind == "endpoint":
+        elif kind is Event.ENDPOINT:
             log.info("hub now answers from %s", format_endpoint(detail))
-        elif kind == "handshake_gave_up":
+        elif kind is Event.GAVE_UP:
             log.warning("no handshake answer from the hub at %s for 90 s; still trying when "
                         "there is traffic", format_endpoint(peer.endpoint))
             self.connected = False

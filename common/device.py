@@ -28,7 +28,7 @@ from .allowedips import AllowedIPs
 from .cookie import CookieChecker, RateLimiter, source_bytes
 from .crypto import DH_pubkey, CryptoFailure, clamp
 from .keys import check_public
-from .peer import (HANDSHAKE_INITIATION_RATE, RECEIVE_REKEY_AGE, REJECT_AFTER_MESSAGES,
+from .peer import (HANDSHAKE_INITIATION_RATE, Event, RECEIVE_REKEY_AGE, REJECT_AFTER_MESSAGES,
                    REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME, REKEY_TIMEOUT,
                    Keypair, PendingHandshake, Peer)
 from .timers import Timers
@@ -478,7 +478,7 @@ class Device(Timers):
             old = peer.endpoint
             peer.endpoint = src
             if old is not None:
-                self.events.append(("endpoint", peer, src))
+                self.events.append((Event.ENDPOINT, peer, src))
 
     def zero_key_material(self, peer: Peer) -> None:
         for kp in peer.keypairs():

@@ -6,6 +6,7 @@ The protocol constants are the whitepaper's (section 6.1).
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 
 from .cookie import CookieGenerator
@@ -26,6 +27,14 @@ ZERO_KEYS_AFTER = REJECT_AFTER_TIME * 3
 RECEIVE_REKEY_AGE = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
 MAX_STAGED = 128
 JITTER_MAX = 0.333
+
+
+class Event(enum.StrEnum):
+    """What the device reports in `Device.events`, as (Event, peer, detail) tuples."""
+
+    HANDSHAKE = "handshake"  # a session was made (either side); detail None
+    ENDPOINT = "endpoint"  # an authenticated packet came from a new address; detail: it
+    GAVE_UP = "handshake_gave_up"  # no answer for REKEY_ATTEMPT_TIME; detail None
 
 
 class Keypair:

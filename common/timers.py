@@ -7,7 +7,7 @@ wireguard-go's timers.go.
 
 from __future__ import annotations
 
-from .peer import (JITTER_MAX, KEEPALIVE_TIMEOUT, MAX_TIMER_HANDSHAKES, REKEY_TIMEOUT,
+from .peer import (JITTER_MAX, Event, KEEPALIVE_TIMEOUT, MAX_TIMER_HANDSHAKES, REKEY_TIMEOUT,
                    ZERO_KEYS_AFTER, Peer)
 
 FEW_ARMED = 4  # up to this many peers with timers, a driver may sleep until the earliest
@@ -69,7 +69,7 @@ class Timers:
         peer.last_handshake = now
         peer.last_handshake_wall = self.wallclock()
         self.handshakes_completed += 1
-        self.events.append(("handshake", peer, None))
+        self.events.append((Event.HANDSHAKE, peer, None))
 
     def session_derived(self, peer: Peer, now: float) -> None:
         peer.zero_at = now + ZERO_KEYS_AFTER
@@ -113,7 +113,7 @@ class Timers:
                 self.drops["handshake_gave_up"] += dropped
             peer.staged = ()
             self.handshakes_gave_up += 1
-            self.events.append(("handshake_gave_up", peer, None))
+            self.events.append((Event.GAVE_UP, peer, None))
             if peer.zero_at is None:
                 peer.zero_at = now + ZERO_KEYS_AFTER
             return

@@ -27,6 +27,7 @@ import trio
 
 from ..common import control, keys, linux
 from ..common.device import Device
+from ..common.peer import Event
 from ..common.driver import Driver, endpoint_for, format_endpoint, open_udp
 from . import firewall, invites, nat, policy, state
 from .registry import Registry, RegistryError
@@ -251,14 +252,14 @@ class Hub:
         entry = self.peers.get(peer.name)
         if entry is None or entry[1] is not peer:
             return  # removed (or replaced) since the data plane saw it
-        if kind == "handshake":
+        if kind is Event.HANDSHAKE:
             self._log_limited(kind, peer.name, "handshake with peer %s from %s",
                               format_endpoint(peer.endpoint))
             self._mark(peer)
-        elif kind == "endpoint":
+        elif kind is Event.ENDPOINT:
             self._log_limited(kind, peer.name, "peer %s moved to %s", format_endpoint(detail))
             self._mark(peer)
-        elif kind == "handshake_gave_up":
+        elif kind is Event.GAVE_UP:
             log.info("peer %s: no handshake answer for 90 s, giving up until it calls", peer.name)
 
     def _mark(self, peer) -> None:
@@ -281,7 +282,7 @@ class Hub:
             if now - seen[0] < LOG_EVERY:
                 continue
             if seen[1]:
-                what = "handshakes" if kind == "handshake" else "moves"
+                what = "handshakes" if kind is Event.HANDSHAKE else "moves"
                 # "at least": the driver hands over only the latest event of a batch
                 log.info("peer %s: at least %d more %s in %d s, not logged one by one", name,
                          seen[1], what, round(now - seen[0]))

@@ -15,7 +15,7 @@ import logging
 import time
 
 from ..common.driver import format_endpoint
-from ..common.peer import REJECT_AFTER_TIME
+from ..common.peer import REJECT_AFTER_TIME, Event
 
 log = logging.getLogger("pytun.session")
 
@@ -44,14 +44,14 @@ class SessionLog:
         self.active: dict[str, Session] = {}
 
     def on_event(self, kind: str, peer, detail) -> None:
-        if kind == "handshake":
+        if kind is Event.HANDSHAKE:
             current = self.active.get(peer.name)
             if current is not None and current.peer is not peer:  # rebuilt under the same name
                 self._end(current, "reconfigured")
                 current = None
             if current is None:
                 self._start(peer)
-        elif kind == "endpoint":
+        elif kind is Event.ENDPOINT:
             session = self.active.get(peer.name)
             if session is not None and session.peer is peer:
                 session.moves += 1

@@ -22,6 +22,7 @@ from pytun.common.device import Device
 from pytun.common.driver import open_udp
 from pytun.client import dns, hooks, main as cli, resolve, routes, runtime, tunnel
 from pytun.client.routes import MAIN_TABLE, Route, Rule
+from pytun.common.peer import Event
 
 N = ipaddress.ip_network
 PRIV = keys.generate_private(bytes(range(32)))
@@ -516,7 +517,7 @@ def test_unanswered_handshakes_look_the_name_up_again_and_move_on(messages):
         assert v4(t.peer.endpoint) == "192.0.2.8"  # the next address the name has
         assert t.driver.changes == 2  # set at first, then moved with a new initiation
         assert not check_after(1)  # just looked: wait another 15 s
-        t.on_event("handshake", t.peer, None)
+        t.on_event(Event.HANDSHAKE, t.peer, None)
         t.peer.last_handshake = trio.current_time()
         assert not check_after(30) and t.failing_since is None
 

@@ -20,6 +20,7 @@ from pytun.server import hub as hub_module
 from pytun.server import state
 from pytun.server.hub import Hub
 from pytun.server.registry import Peer, SqliteRegistry
+from pytun.common.peer import Event
 
 from .enginenet import WALL0, seeded_rng, static_key
 
@@ -178,7 +179,7 @@ def test_an_endpoint_storm_is_a_few_writes_and_log_lines(world, caplog, monkeypa
             for port in range(moves):
                 # What the driver hands over: the latest move of the peer, once per batch.
                 peer.endpoint = ("198.51.100.18", 20000 + port)
-                world.hub.on_event("endpoint", peer, peer.endpoint)
+                world.hub.on_event(Event.ENDPOINT, peer, peer.endpoint)
                 await trio.sleep(10.0 / moves)
             await trio.sleep(hub_module.LOG_EVERY + 2 * hub_module.WRITE_EVERY)
             nursery.cancel_scope.cancel()
@@ -202,7 +203,7 @@ def test_events_of_a_removed_peer_are_ignored(world):
     old = world.alice()
     world.registry.remove("alice")
     world.hub.sync()
-    world.hub.on_event("endpoint", old, LAPTOP_EP)
+    world.hub.on_event(Event.ENDPOINT, old, LAPTOP_EP)
     assert world.hub._collect() == ([], [])
 
 
@@ -228,7 +229,8 @@ def test_the_driver_hands_trio_the_latest_event_per_peer_and_kind():
         alice, bob = object(), object()
         for port in range(3000):  # one batch per datagram, as a storm of source ports makes
             driver._queue_events([("endpoint", alice, ("198.51.100.18", port))])
-        driver._queue_events([("handshake", bob, None), ("endpoint", bob, ("198.51.100.34", 1))])
+        driver._queue_events([(Event.HANDSHAKE, bob, None),
+                              (Event.ENDPOINT, bob, ("198.51.100.34", 1))])
         assert len(token.calls) == 1 and len(driver._pending_events) == 3
         fn, args = token.calls.pop()
         fn(*args)
@@ -265,7 +267,7 @@ def test_a_first_handshake_is_written_at_once_then_at_most_once_a_second(world, 
             peer = world.alice()
             for port in (1, 2, 3):
                 peer.endpoint = ("198.51.100.18", port)
-                world.hub.on_event("endpoint", peer, peer.endpoint)
+                world.hub.on_event(Event.ENDPOINT, peer, peer.endpoint)
                 clock.jump(0.1)
                 await trio.testing.wait_all_tasks_blocked()
             assert len(times) == 1  # the next write waits for WRITE_EVERY after the last

@@ -17,6 +17,7 @@ from pytun.common import keys
 from pytun.common.device import Device
 from pytun.server import metrics, ops, state
 from pytun.server.registry import Peer as Record
+from pytun.common.peer import Event
 from tests.enginenet import static_key
 
 
@@ -217,7 +218,7 @@ def test_hub_operations_wire_the_watchdog_into_the_driver():
     assert driver.heartbeat_interval == 10.0 and driver.heartbeat == o.notifier.watchdog
     # The session log sees each event before the hub's own handler does.
     peer = hub.peers["alice"][1]
-    driver.on_event("handshake", peer, None)
+    driver.on_event(Event.HANDSHAKE, peer, None)
     assert seen == [("handshake", peer, None)] and "alice" in o.sessions.active
 
 

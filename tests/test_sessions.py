@@ -8,6 +8,7 @@ import logging
 
 from pytun.server import logformat
 from pytun.server.sessions import SessionLog
+from pytun.common.peer import Event
 
 
 class FakePeer:
@@ -33,7 +34,7 @@ def _fields(caplog):
 
 def _handshake(log, peer, clock):
     peer.last_handshake = clock.t
-    log.on_event("handshake", peer, None)
+    log.on_event(Event.HANDSHAKE, peer, None)
 
 
 def test_start_once_then_endpoint_then_end_after_180_s(caplog):
@@ -46,7 +47,7 @@ def test_start_once_then_endpoint_then_end_after_180_s(caplog):
     clock.t += 120
     _handshake(log, alice, clock)  # a rekey: the same session
     alice.endpoint = ("203.0.113.9", 5000)
-    log.on_event("endpoint", alice, alice.endpoint)
+    log.on_event(Event.ENDPOINT, alice, alice.endpoint)
     alice.rx_bytes, alice.tx_bytes = 5000, 7000
     clock.t += 179
     log.check(peers)
@@ -121,7 +122,7 @@ def test_a_laptop_hopping_ports_gets_one_endpoint_line_per_ten_seconds(caplog):
     for i in range(480):  # 16 source ports a second for 30 s (steps exact in binary)
         clock.t += 0.0625
         bob.endpoint = ("198.51.100.18", 20000 + i)
-        log.on_event("endpoint", bob, bob.endpoint)
+        log.on_event(Event.ENDPOINT, bob, bob.endpoint)
     moved = [f for f in _fields(caplog) if f["event"] == "session_endpoint"]
     assert [m["moves"] for m in moved] == [1, 161, 321]  # the first, then every 10 s
     log.close()
