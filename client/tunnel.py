@@ -27,8 +27,9 @@ import trio
 from ..common import control, keys, linux
 from ..common.config import WgConfig
 from ..common.device import Device
-from ..common.driver import Driver, endpoint_for, format_endpoint, open_udp
+from ..common.driver import Driver, endpoint_for, format_endpoint
 from ..common.peer import REKEY_TIMEOUT, Event
+from ..common.runner import DeviceLink
 from . import dns, hooks, routes
 from .resolve import host_of, is_ip, lookup, next_address
 from .runtime import (STATE_VERSION, TunnelError, process_start_time, socket_path, state_path,
@@ -65,6 +66,7 @@ class Tunnel:
                       "start_time": process_start_time(os.getpid()), "interface": ifname,
                       "config": os.path.abspath(config_path), "link": False, "plan": None,
                       "dns": None}
+        self.link: DeviceLink | None = None
         self.tun_fd: int | None = None
         self.sock: socket.socket | None = None
         self.device: Device | None = None
@@ -114,10 +116,12 @@ class Tunnel:
             log.warning("%s", warning)
         self.state["link"] = True
         self.save()
-        self.tun_fd, self.ifname = linux.open_tun(self.ifname, vnet_hdr=True)
-        linux.configure_link(self.ifname, addresses, self.mtu)
+        self.link = DeviceLink(self.ifname, addresses, self.mtu, port=i.listen_port or 0,
+                               mark=self.plan.fwmark)
+        self.link.open_tun()
+        self.tun_fd, self.ifname = self.link.tun_fd, self.link.ifname
         try:
-            self.sock = open_udp(i.listen_port or 0, mark=self.plan.fwmark)
+            self.sock = self.link.open_socket()
         except OSError as exc:
             raise TunnelError(f"cannot open the UDP socket: {exc.strerror or exc}") from None
         p = self.peer_cfg
@@ -128,8 +132,7 @@ class Tunnel:
         if p.endpoint is not None:
             host, port = p.endpoint
             self.hub_label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.driver = Driver(self.device, self.tun_fd, self.sock, on_event=self.on_event,
-                             vnet_hdr=True)
+        self.driver = self.link.driver(self.device, self.on_event)
 
     def _route(self) -> None:
         """Routes, rules, marks, then DNS; each recorded before it is carried out."""
@@ -328,9 +331,8 @@ class Tunnel:
                 try:
                     self._hooks("PreUp", self.cfg.interface.pre_up)
                     self._open()
-                    await nursery.start(control.serve, socket_path(self.ifname, self.dir),
-                                        self.handle_control)
-                    await nursery.start(self.driver.run)
+                    await self.link.serve(nursery, socket_path(self.ifname, self.dir),
+                                          self.handle_control)
                     if self.peer_cfg.endpoint is not None:
                         await self._resolve_first()
                         self.phase = "handshaking"
@@ -384,9 +386,6 @@ class Tunnel:
         return problems
 
     def _close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        if self.tun_fd is not None:
-            os.close(self.tun_fd)
-            self.tun_fd = None
+        if self.link is not None:
+            self.link.close()
+        self.sock = self.tun_fd = None

@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
-import os
 import signal
 import time
 
@@ -28,7 +27,8 @@ import trio
 from ..common import control, keys, linux
 from ..common.device import Device
 from ..common.peer import Event
-from ..common.driver import Driver, endpoint_for, format_endpoint, open_udp
+from ..common.runner import DeviceLink
+from ..common.driver import Driver, endpoint_for, format_endpoint
 from . import firewall, invites, nat, policy, state
 from .registry import Registry, RegistryError
 from .ops import MetricsError, Operations
@@ -420,19 +420,19 @@ class Hub:
 
     async def _run(self, signals, task_status) -> None:
         s = self.settings
+        # Link and firewall steps run in a forked child (linux.run_apart): pyroute2 and
+        # python-iptables then never load into the long-running hub.
+        link = DeviceLink(s.interface, s.addresses, s.mtu, port=s.listen_port, sticky=True,
+                          configure=lambda *args: linux.run_apart(linux.configure_link, *args))
         try:
-            tun_fd, ifname = linux.open_tun(s.interface, vnet_hdr=True)
-        except linux.LinuxError as exc:
-            raise StartupError(str(exc)) from None
+            link.open_tun()
+            self.sock = link.open_socket()
+        except (linux.LinuxError, OSError) as exc:
+            link.close()
+            raise StartupError(getattr(exc, "strerror", None) or str(exc)) from None
+        ifname = link.ifname
         firewall: list[int] = []  # families whose rules may be in the kernel
         try:
-            # Link and firewall steps run in a forked child (linux.run_apart): pyroute2 and
-            # python-iptables then never load into the long-running hub.
-            try:
-                linux.run_apart(linux.configure_link, ifname, s.addresses, s.mtu)
-                self.sock = open_udp(s.listen_port)
-            except (linux.LinuxError, OSError) as exc:
-                raise StartupError(getattr(exc, "strerror", None) or str(exc)) from None
             for warning in nat.backend_warnings():
                 log.warning("%s", warning)
             try:
@@ -451,8 +451,7 @@ class Hub:
                 except (nat.NatError, linux.LinuxError) as exc:
                     raise StartupError(f"firewall set-up failed: {exc}") from None
                 self.applied[family] = plan
-            driver = Driver(self.device, tun_fd, self.sock, on_event=self.on_event,
-                            sticky=True, vnet_hdr=True)
+            driver = link.driver(self.device, self.on_event)
             self._redial(driver.now(), time.time())
             self.ops.prepare(driver)
             try:
@@ -461,10 +460,8 @@ class Hub:
                 raise StartupError(str(exc)) from None
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.enroller.run)
-                await nursery.start(driver.run)
-                self.driver = driver
-                await nursery.start(control.serve, state.socket_path(self.state_dir),
-                                    self.handle_control)
+                self.driver = driver  # the device is changed under its lock from now on
+                await link.serve(nursery, state.socket_path(self.state_dir), self.handle_control)
                 nursery.start_soon(self.write_behind)
                 nursery.start_soon(self._poll_registry)
                 self._firewall_changed = trio.Event()
@@ -487,9 +484,8 @@ class Hub:
                     linux.run_apart(nat.teardown, s.interface, family)
                 except (nat.NatError, linux.LinuxError) as exc:
                     log.error("firewall tear-down failed: %s", exc)
-            if self.sock is not None:
-                self.sock.close()
-            os.close(tun_fd)
+            link.close()
+            self.sock = None
 
     async def _poll_registry(self) -> None:
         while True:

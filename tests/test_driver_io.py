@@ -241,3 +241,37 @@ def test_a_gro_run_is_cut_back_into_its_datagrams(sticky):
     finally:
         hub_sock.close()
         laptop.close()
+
+
+def test_a_device_link_closes_what_it_opened_even_when_the_link_cannot_be_configured():
+    """common/runner.py: the TUN fd and socket are closed once, also after a failed start."""
+    from pytun.common import linux
+    from pytun.common.runner import DeviceLink
+
+    opened = []
+
+    def fake_open_tun(name, vnet_hdr=False):
+        r, w = os.pipe()
+        os.close(w)
+        opened.append(r)
+        return r, name
+
+    def broken_configure(ifname, addresses, mtu):
+        raise linux.LinuxError(f"cannot configure {ifname}")
+
+    original = linux.open_tun
+    linux.open_tun = fake_open_tun
+    try:
+        link = DeviceLink("pt9", [], 1420, configure=broken_configure)
+        try:
+            link.open_tun()
+        except linux.LinuxError as exc:
+            assert str(exc) == "cannot configure pt9"
+        link.close()
+        link.close()
+    finally:
+        linux.open_tun = original
+    import errno as _errno
+    with pytest.raises(OSError) as info:
+        os.fstat(opened[0])
+    assert info.value.errno == _errno.EBADF and link.tun_fd is None and link.sock is None

@@ -1,0 +1,75 @@
+"""What both ends run around their Device: a TUN device with its addresses and MTU, one UDP
+socket, the data-plane Driver, and the control socket.
+
+    link = DeviceLink(ifname, addresses, mtu, port=51820, sticky=True)
+    link.open()                  # TUN (IFF_VNET_HDR), addresses, MTU, up; the UDP socket
+    driver = link.driver(device, on_event)
+    await link.serve(nursery, control_path, handler)   # the data thread, the control socket
+    ...
+    link.close()                 # socket and TUN fd; the device goes with its last fd
+
+The hub and pytun-client differ in what they do between these steps (firewall and registry;
+routes, DNS and hooks), not in the steps: one place opens, serves and closes them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Callable
+
+import trio
+
+from . import control, linux
+from .driver import Driver, open_udp
+
+
+class DeviceLink:
+    def __init__(self, ifname: str, addresses: list, mtu: int, *, port: int = 0,
+                 mark: int = 0, sticky: bool = False,
+                 configure: Callable[[str, list, int], Any] = linux.configure_link):
+        self.ifname = ifname
+        self.addresses = addresses
+        self.mtu = mtu
+        self.port = port
+        self.mark = mark
+        self.sticky = sticky  # reply from the address a laptop dialled (the hub)
+        self.configure = configure  # the hub runs it apart, so pyroute2 stays out of it
+        self.tun_fd: int | None = None
+        self.sock: socket.socket | None = None
+        self._driver: Driver | None = None
+
+    def open_tun(self) -> None:
+        """The TUN device with IFF_VNET_HDR (GSO writes), addressed, sized and up."""
+        self.tun_fd, self.ifname = linux.open_tun(self.ifname, vnet_hdr=True)
+        self.configure(self.ifname, self.addresses, self.mtu)
+
+    def open_socket(self) -> socket.socket:
+        """The one UDP socket, dual stack, marked for a full tunnel when asked. OSError."""
+        self.sock = open_udp(self.port, mark=self.mark)
+        return self.sock
+
+    def open(self) -> None:
+        self.open_tun()
+        self.open_socket()
+
+    def driver(self, device, on_event=None) -> Driver:
+        assert self.tun_fd is not None and self.sock is not None, "open() first"
+        self._driver = Driver(device, self.tun_fd, self.sock, on_event=on_event,
+                              sticky=self.sticky, vnet_hdr=True)
+        return self._driver
+
+    async def serve(self, nursery: trio.Nursery, control_path: str, handler) -> None:
+        """Start the data thread, then the control socket; both stop with the nursery."""
+        assert self._driver is not None, "driver() first"
+        await nursery.start(self._driver.run)
+        await nursery.start(control.serve, control_path, handler)
+
+    def close(self) -> None:
+        """Close the socket and the TUN fd (the device goes with its last fd); idempotent."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.tun_fd is not None:
+            os.close(self.tun_fd)
+            self.tun_fd = None
