@@ -201,7 +201,7 @@ class SessionCipher:
         self._aead.encrypt_into(_NONCE.pack(counter), plaintext, None,
                                 memoryview(out)[offset:offset + len(plaintext) + TAG_LEN])
 
-    def open(self, counter: int, ciphertext: bytes) -> bytes:
+    def open(self, counter: int, ciphertext: bytes | bytearray | memoryview) -> bytes:
         try:
             return self._aead.decrypt(_NONCE.pack(counter), ciphertext, None)
         except (InvalidTag, ValueError, TypeError, OverflowError, struct.error) as exc:

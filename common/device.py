@@ -22,6 +22,7 @@ import os
 import struct
 import time
 from collections import Counter
+from typing import Any, Callable, Iterable
 
 from . import noise, wire
 from .allowedips import AllowedIPs
@@ -30,7 +31,7 @@ from .crypto import DH_pubkey, CryptoFailure, clamp
 from .keys import check_public
 from .peer import (HANDSHAKE_INITIATION_RATE, Event, RECEIVE_REKEY_AGE, REJECT_AFTER_MESSAGES,
                    REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME, REKEY_TIMEOUT,
-                   Keypair, PendingHandshake, Peer)
+                   Endpoint, Keypair, Packet, PendingHandshake, Peer)
 from .timers import Timers
 
 _TRANSPORT_HDR = struct.Struct("<IIQ")
@@ -46,7 +47,8 @@ def rekey_due(kp: Keypair, now: float) -> bool:
 
 
 class Device(Timers):
-    def __init__(self, private_key: bytes, *, rng=os.urandom, wallclock=time.time,
+    def __init__(self, private_key: bytes, *, rng: Callable[[int], bytes] = os.urandom,
+                 wallclock: Callable[[], float] = time.time,
                  mtu: int = 1420, allow_peer_to_peer: bool = True,
                  under_load_threshold: int = 1000):
         self.private_key = clamp(private_key)
@@ -63,10 +65,10 @@ class Device(Timers):
         self.cookie_checker = CookieChecker(self.public_key, rng)
         self.rate_limiter = RateLimiter()
         self.responder_ck, self.responder_h = noise.initial_state(self.public_key)
-        self.net_out: list = []
-        self.tun_out: list = []
-        self.events: list = []
-        self.drops: Counter = Counter()
+        self.net_out: list[tuple[Packet, Endpoint]] = []
+        self.tun_out: list[Packet] = []
+        self.events: list[tuple[Event, Peer, Any]] = []
+        self.drops: Counter[str] = Counter()
         # Datagrams of a type WireGuard does not use go to other_handler(data, src, now) when
         # one is set (the hub's enrollment, server/invites.py); True means it took the datagram.
         self.other_handler = None
@@ -81,7 +83,8 @@ class Device(Timers):
     # -- configuration ---------------------------------------------------------------------
 
     def add_peer(self, public_key: bytes, *, preshared_key: bytes | None = None,
-                 allowed_ips=(), endpoint=None, persistent_keepalive: int = 0,
+                 allowed_ips: Iterable[Any] = (), endpoint: Endpoint | None = None,
+                 persistent_keepalive: int = 0,
                  name: str | None = None) -> Peer:
         check_public(public_key)
         if public_key == self.public_key:
@@ -104,7 +107,7 @@ class Device(Timers):
         peer.staged = ()
         self.disarm(peer)
 
-    def set_allowed_ips(self, peer: Peer, networks) -> None:
+    def set_allowed_ips(self, peer: Peer, networks: Iterable[Any]) -> None:
         self.allowed_ips.remove_by_peer(peer)
         for network in networks:
             self.allowed_ips.insert(network, peer)
@@ -117,7 +120,7 @@ class Device(Timers):
 
     # -- from the tunnel interface -----------------------------------------------------------
 
-    def send(self, packet, now: float) -> None:
+    def send(self, packet: Packet, now: float) -> None:
         peer = self.allowed_ips.lookup_packet_dst(packet)
         if peer is None:
             self.drops["no_route"] += 1
@@ -132,7 +135,7 @@ class Device(Timers):
         if peer.new_handshake_at is None:
             self.data_sent(peer, now)
 
-    def _send_slow(self, peer: Peer, kp: Keypair | None, packet, now: float) -> None:
+    def _send_slow(self, peer: Peer, kp: Keypair | None, packet: Packet, now: float) -> None:
         if (kp is None or peer.staged or peer.endpoint is None or not kp.can_send(now)):
             if not peer.stage(bytes(packet)):
                 self.drops["staged_overflow"] += 1  # the oldest waiting packet was pushed out
@@ -143,7 +146,7 @@ class Device(Timers):
         if rekey_due(kp, now):
             self.initiate(peer, now, retry=False)
 
-    def _seal(self, peer: Peer, kp: Keypair, packet, now: float) -> None:
+    def _seal(self, peer: Peer, kp: Keypair, packet: Packet, now: float) -> None:
         n = len(packet)
         padded = (n + 15) & ~15
         if padded > self.mtu >= n:
@@ -155,7 +158,8 @@ class Device(Timers):
         datagram = bytearray(padded + 32)
         _TRANSPORT_HDR.pack_into(datagram, 0, 4, kp.remote_index, counter)
         kp.send.seal_into(counter, packet, datagram)
-        self.net_out.append((datagram, peer.endpoint))
+        # Callers send only to a peer with an endpoint (else the packet is staged).
+        self.net_out.append((datagram, peer.endpoint))  # type: ignore[arg-type]
         peer.tx_bytes += padded + 32
         # Timers, inlined: any authenticated packet sent.
         peer.keepalive_at = None
@@ -220,7 +224,7 @@ class Device(Timers):
 
     # -- from the network -------------------------------------------------------------------------
 
-    def receive(self, data, src, now: float) -> None:
+    def receive(self, data: Packet, src: Endpoint, now: float) -> None:
         if len(data) >= 32 and data[0] == 4 and data[1] == 0 and data[2] == 0 and data[3] == 0:
             self._receive_transport(data, src, now)
             return
@@ -243,7 +247,7 @@ class Device(Timers):
     def under_load(self, now: float) -> bool:
         return now < self._under_load_until
 
-    def _admit_handshake(self, data: bytes, mac1_offset: int, sender: int, src,
+    def _admit_handshake(self, data: bytes, mac1_offset: int, sender: int, src: Endpoint,
                          now: float) -> bool:
         """mac1 always; under load mac2 (else a cookie reply) and the per-source rate limit."""
         if not self.cookie_checker.check_mac1(data, mac1_offset):
@@ -272,7 +276,7 @@ class Device(Timers):
             return False
         return True
 
-    def _receive_initiation(self, data: bytes, src, now: float) -> None:
+    def _receive_initiation(self, data: bytes, src: Endpoint, now: float) -> None:
         msg = wire.parse_initiation(data)
         if not self._admit_handshake(data, wire.INITIATION_MAC1, msg.sender, src, now):
             return
@@ -328,14 +332,14 @@ class Device(Timers):
         response = wire.Response(index, msg.sender, e_pub, enc_nothing, b"",
                                  b"").pack_without_macs()
         datagram = peer.cookies.add_macs(response, now)
-        self.net_out.append((datagram, peer.endpoint))
+        self.net_out.append((datagram, src))  # _set_endpoint(peer, src) above
         peer.rx_bytes += len(data)
         peer.tx_bytes += len(datagram)
         self.session_derived(peer, now)
         self.authenticated_received(peer, now)
         self.authenticated_sent(peer, now)
 
-    def _receive_response(self, data: bytes, src, now: float) -> None:
+    def _receive_response(self, data: bytes, src: Endpoint, now: float) -> None:
         msg = wire.parse_response(data)
         if not self._admit_handshake(data, wire.RESPONSE_MAC1, msg.sender, src, now):
             return
@@ -345,7 +349,7 @@ class Device(Timers):
             for pending in (peer.handshake, peer.previous_handshake):
                 if pending is not None and pending.local_index == msg.receiver:
                     hs = pending
-        if hs is None:
+        if peer is None or hs is None:
             self.drops["unknown_index"] += 1
             return
         try:
@@ -396,7 +400,7 @@ class Device(Timers):
         if not peer.cookies.consume_reply(msg.nonce, msg.encrypted_cookie, now):
             self.drops["bad_cookie"] += 1
 
-    def _receive_transport(self, data, src, now: float) -> None:
+    def _receive_transport(self, data: Packet, src: Endpoint, now: float) -> None:
         _, receiver, counter = _TRANSPORT_HDR.unpack_from(data, 0)
         kp = self.keypairs.get(receiver)
         if kp is None:
@@ -465,7 +469,7 @@ class Device(Timers):
         if peer.staged:
             self.send_staged(peer, now)
 
-    def _drop_pending(self, hs) -> None:
+    def _drop_pending(self, hs: PendingHandshake | None) -> None:
         if hs is not None:
             self.handshakes.pop(hs.local_index, None)
 
@@ -473,7 +477,7 @@ class Device(Timers):
         if kp is not None:
             self.keypairs.pop(kp.local_index, None)
 
-    def _set_endpoint(self, peer: Peer, src) -> None:
+    def _set_endpoint(self, peer: Peer, src: Endpoint) -> None:
         if src != peer.endpoint:
             old = peer.endpoint
             peer.endpoint = src

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from typing import Any
 
 from .cookie import CookieGenerator
 from .crypto import DH, SessionCipher
 from .noise import EMPTY_PSK, initial_state
 from .replay import ReplayFilter
+
+Endpoint = tuple[Any, ...]  # a socket address
+Packet = bytes | bytearray | memoryview
 
 REKEY_AFTER_MESSAGES = 1 << 60
 REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
@@ -43,7 +47,7 @@ class Keypair:
     __slots__ = ("send", "recv", "send_counter", "replay", "local_index", "remote_index",
                  "created", "initiator", "peer", "fresh_until")
 
-    def __init__(self, peer, send_key: bytes, recv_key: bytes, local_index: int,
+    def __init__(self, peer: Peer, send_key: bytes, recv_key: bytes, local_index: int,
                  remote_index: int, created: float, initiator: bool):
         self.peer = peer
         self.send = SessionCipher(send_key)
@@ -70,7 +74,8 @@ class PendingHandshake:
 
     __slots__ = ("local_index", "ck", "h", "ephemeral_private", "sent")
 
-    def __init__(self, local_index, ck, h, ephemeral_private, sent):
+    def __init__(self, local_index: int, ck: bytes, h: bytes, ephemeral_private: bytes,
+                 sent: float):
         self.local_index = local_index
         self.ck = ck
         self.h = h
@@ -93,7 +98,7 @@ class Peer:
                  "rx_bytes", "tx_bytes", "last_handshake", "last_handshake_wall", "__weakref__")
 
     def __init__(self, device_private: bytes, public_key: bytes, *, preshared_key: bytes | None,
-                 endpoint, persistent_keepalive: int, name: str | None):
+                 endpoint: Endpoint | None, persistent_keepalive: int, name: str | None):
         self.public_key = public_key
         self.name = name
         self.preshared_key = preshared_key or EMPTY_PSK
@@ -113,7 +118,8 @@ class Peer:
         self.greatest_timestamp = b""
         self.last_initiation_consumed: float | None = None
         self.last_sent_handshake: float | None = None
-        self.staged: deque | tuple = ()  # a deque once a packet waits (most peers never)
+        # A deque once a packet waits (most peers never do).
+        self.staged: deque[Packet] | tuple[()] = ()
         # Timer deadlines (monotonic seconds) or None when not armed.
         self.retransmit_at: float | None = None
         self.keepalive_at: float | None = None
@@ -129,15 +135,16 @@ class Peer:
         self.last_handshake: float | None = None  # monotonic
         self.last_handshake_wall: float | None = None  # Unix seconds, for status
 
-    def stage(self, packet) -> bool:
+    def stage(self, packet: Packet) -> bool:
         """Queue a packet until a session exists; False when that pushed out the oldest."""
-        if not self.staged:
-            self.staged = deque(maxlen=MAX_STAGED)
-        full = len(self.staged) == MAX_STAGED
-        self.staged.append(packet)
+        staged = self.staged
+        if not isinstance(staged, deque):
+            staged = self.staged = deque(maxlen=MAX_STAGED)
+        full = len(staged) == MAX_STAGED
+        staged.append(packet)
         return not full
 
-    def keypairs(self):
+    def keypairs(self) -> list[Keypair]:
         return [kp for kp in (self.previous, self.current, self.next) if kp is not None]
 
     def __repr__(self) -> str:

@@ -7,6 +7,10 @@ wireguard-go's timers.go.
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import Any, Callable
+
+from .cookie import RateLimiter
 from .peer import (JITTER_MAX, Event, KEEPALIVE_TIMEOUT, MAX_TIMER_HANDSHAKES, REKEY_TIMEOUT,
                    ZERO_KEYS_AFTER, Peer)
 
@@ -14,9 +18,25 @@ FEW_ARMED = 4  # up to this many peers with timers, a driver may sleep until the
 
 
 class Timers:
-    """Mixed into Device; uses its rng, events, initiate, send_keepalive, zero_key_material."""
+    """The deadlines part of Device. What it needs of the device is declared here and defined
+    by Device: mypy checks both sides."""
 
-    def __init__(self):
+    rng: Callable[[int], bytes]
+    wallclock: Callable[[], float]
+    events: list[tuple[Event, Peer, Any]]
+    drops: Counter[str]
+    rate_limiter: RateLimiter
+
+    def initiate(self, peer: Peer, now: float, *, retry: bool = False) -> None:
+        raise NotImplementedError
+
+    def send_keepalive(self, peer: Peer, now: float) -> None:
+        raise NotImplementedError
+
+    def zero_key_material(self, peer: Peer) -> None:
+        raise NotImplementedError
+
+    def __init__(self) -> None:
         self._armed: set[Peer] = set()
         # Handshakes by outcome, for metrics (once per handshake, never per packet).
         self.handshakes_completed = 0

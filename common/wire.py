@@ -79,7 +79,7 @@ class CookieReply:
         return _COOKIE.pack(MSG_COOKIE_REPLY, self.receiver, self.nonce, self.encrypted_cookie)
 
 
-def message_type(data: bytes) -> int:
+def message_type(data: Buffer) -> int:
     """The message type, checked against its exact length; raises BadPacket otherwise."""
     n = len(data)
     if n < 4:
