@@ -40,7 +40,7 @@ import os
 import re
 import socket
 import stat
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 if TYPE_CHECKING:
     import trio
@@ -122,7 +122,7 @@ def parse_response(text: str) -> tuple[Pairs, int]:
 PEER_FIELDS = ("public_key", "address", "endpoint", "latest_handshake", "rx_bytes", "tx_bytes")
 
 
-def get_response_pairs(peers: Iterable[dict]) -> Pairs:
+def get_response_pairs(peers: Iterable[dict[str, Any]]) -> Pairs:
     """What the hub answers to get=1, from dicts shaped like `peers_from_get` returns."""
     pairs: Pairs = []
     for p in peers:
@@ -136,10 +136,10 @@ def get_response_pairs(peers: Iterable[dict]) -> Pairs:
     return pairs
 
 
-def peers_from_get(pairs: Pairs) -> list[dict]:
+def peers_from_get(pairs: Pairs) -> list[dict[str, Any]]:
     """The get=1 answer as dicts: name, public_key, address, endpoint (str or None),
     latest_handshake (int or None), rx_bytes, tx_bytes. Unknown keys are skipped."""
-    peers: list[dict] = []
+    peers: list[dict[str, Any]] = []
     for key, value in pairs:
         if key == "peer":
             peers.append({"name": value, "public_key": "", "address": "", "endpoint": None,
@@ -200,13 +200,13 @@ def _bind_private(path: str) -> socket.socket:
 
 class _Ignored:
     @staticmethod
-    def started(value=None) -> None:
+    def started(value: object = None) -> None:
         pass
 
 
 # trio is imported by the serving side only: the admin tool, a client, starts ~150 ms sooner.
 
-async def serve(path: str, handler: Handler, *, task_status=_Ignored) -> None:
+async def serve(path: str, handler: Handler, *, task_status: Any = _Ignored) -> None:
     """Answer control requests on `path` until cancelled; then remove the socket file.
 
     `handler(pairs)` returns the answer pairs (it may also be async). It may raise

@@ -21,10 +21,17 @@ import struct
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import trio
 
 from . import linux, tcpgro
+from .peer import Endpoint, Event, Packet, Peer
+
+if TYPE_CHECKING:
+    from .device import Device
+
+EventHandler = Callable[[Event, Peer, Any], None]
 
 log = logging.getLogger("pytun")
 _NATIVE = sys.byteorder
@@ -76,7 +83,7 @@ def open_udp(port: int = 0, *, mark: int = 0) -> socket.socket:
     return sock
 
 
-def _bound(family: int, address: tuple) -> socket.socket:
+def _bound(family: int, address: tuple[Any, ...]) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         if family == socket.AF_INET6:
@@ -90,7 +97,7 @@ def _bound(family: int, address: tuple) -> socket.socket:
     return sock
 
 
-def endpoint_for(sock: socket.socket, host: str, port: int):
+def endpoint_for(sock: socket.socket, host: str, port: int) -> Endpoint:
     """The socket address to send to `host:port` from `sock` (IPv4 mapped on a v6 socket)."""
     addr = ipaddress.ip_address(host.strip("[]"))
     if sock.family == socket.AF_INET6:
@@ -104,7 +111,7 @@ def endpoint_for(sock: socket.socket, host: str, port: int):
     return (str(addr), port)
 
 
-def format_endpoint(endpoint) -> str:
+def format_endpoint(endpoint: Endpoint | None) -> str:
     """'192.0.2.1:51820' or '[2001:db8::1]:51820' for a socket address, '' for None."""
     if endpoint is None:
         return ""
@@ -116,7 +123,7 @@ def format_endpoint(endpoint) -> str:
     return f"{host}:{port}"
 
 
-def _reply_cmsg(level: int, kind: int, data: bytes) -> list:
+def _reply_cmsg(level: int, kind: int, data: bytes) -> list[tuple[int, int, bytes]]:
     """The control message that makes a reply leave from the address the request came to."""
     if kind == IP_PKTINFO:
         # struct in_pktinfo {ifindex; spec_dst; addr}: send from the received header address.
@@ -132,8 +139,9 @@ class Driver:
     from whichever one the route picks, and a NAT in front of the laptop drops those answers.
     """
 
-    def __init__(self, device, tun_fd: int, sock: socket.socket, *, on_event=None,
-                 sticky: bool = False, gso: bool = True, vnet_hdr: bool = False):
+    def __init__(self, device: Device, tun_fd: int, sock: socket.socket, *,
+                 on_event: EventHandler | None = None, sticky: bool = False, gso: bool = True,
+                 vnet_hdr: bool = False):
         self.device = device
         self.tun_fd = tun_fd
         self.sock = sock
@@ -142,10 +150,10 @@ class Driver:
         self.lock = threading.Lock()  # held by the data thread while it works on the device
         self._wake = -1  # eventfd that wakes the data thread, while it runs
         self._stopping = False
-        self._token = None
+        self._token: trio.lowlevel.TrioToken | None = None
         # Events waiting for the trio thread: the latest of each kind per peer, so a laptop
         # that sends from a new source port with every datagram queues one entry, not one each.
-        self._pending_events: dict = {}  # (kind, peer) -> detail
+        self._pending_events: dict[tuple[Event, Peer], Any] = {}  # (kind, peer) -> detail
         self._events_lock = threading.Lock()
         self.io_errors = device.drops  # count I/O failures beside protocol drops
         self.sticky = sticky
@@ -153,11 +161,12 @@ class Driver:
         self.vnet_hdr = vnet_hdr  # the TUN fd was opened with IFF_VNET_HDR (see tcpgro.py)
         # Called from the data thread's loop at most every `heartbeat_interval` seconds (the
         # systemd watchdog ping): a wedged loop stops calling it.
-        self.heartbeat = None
+        self.heartbeat: Callable[[], None] | None = None
         self.heartbeat_interval = 0.0
-        self._reply_from: dict = {}  # endpoint -> control message naming our source address
-        self._seen_local: dict = {}  # endpoint -> raw pktinfo last seen, to rebuild on change
-        self._too_big: dict = {}  # endpoint -> smallest datagram size its path MTU refused
+        # endpoint -> control message naming our source address
+        self._reply_from: dict[Endpoint, list[tuple[int, int, bytes]]] = {}
+        self._seen_local: dict[Endpoint, bytes] = {}  # endpoint -> raw pktinfo last seen
+        self._too_big: dict[Endpoint, int] = {}  # endpoint -> smallest size its path refused
         self._buf = bytearray(MAX_PACKET)
         self._bufs = [self._buf]
         self._view = memoryview(self._buf)
@@ -175,7 +184,7 @@ class Driver:
         return time.monotonic()
 
     @contextlib.contextmanager
-    def locked(self):
+    def locked(self) -> Iterator[Device]:
         """Hold the device for a change or a consistent read, then let the data plane carry out
         whatever the change asked for (an initiation, say) at once."""
         with self.lock:
@@ -190,7 +199,7 @@ class Driver:
         except (BlockingIOError, OSError):
             pass  # the counter is full or closed: the thread wakes anyway or is gone
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run the data plane in its own thread until cancelled; a failure there is raised here."""
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
@@ -214,7 +223,8 @@ class Driver:
             os.close(self._wake)
             self._wake = -1
 
-    def _thread_main(self, token, done, failure: list) -> None:
+    def _thread_main(self, token: trio.lowlevel.TrioToken, done: trio.Event,
+                     failure: list[BaseException]) -> None:
         try:
             self._loop()
         except BaseException as exc:  # reported to the trio side, which re-raises it
@@ -388,13 +398,13 @@ class Driver:
                 self._queue_events(events)
         return bool(device.net_out)
 
-    def _queue_events(self, events: list) -> None:
+    def _queue_events(self, events: list[tuple[Event, Peer, Any]]) -> None:
         with self._events_lock:
             pending = self._pending_events
             schedule = not pending  # else a delivery is already on its way
             for kind, peer, detail in events:
                 pending[kind, peer] = detail
-        if schedule:
+        if schedule and self._token is not None:  # the token is set before the thread starts
             try:
                 self._token.run_sync_soon(self._deliver)
             except trio.RunFinishedError:
@@ -404,10 +414,13 @@ class Driver:
         """In the trio thread: hand the device's events (handshakes, moves) to the owner."""
         with self._events_lock:
             pending, self._pending_events = self._pending_events, {}
+        on_event = self.on_event
+        if on_event is None:
+            return
         for (kind, peer), detail in pending.items():
-            self.on_event(kind, peer, detail)
+            on_event(kind, peer, detail)
 
-    def _send_all(self, out: list) -> list:
+    def _send_all(self, out: list[tuple[Packet, Endpoint]]) -> list[tuple[Packet, Endpoint]]:
         """Send datagrams in order. A run of equal-size datagrams to one endpoint (the last may
         be shorter) goes out in one sendmsg with UDP GSO: the kernel cuts it into datagrams.
 

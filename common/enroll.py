@@ -49,10 +49,12 @@ import binascii
 import hashlib
 import hmac
 from dataclasses import dataclass, field
+from typing import Callable
 
 from . import keys, noise
-from .cookie import RateLimiter
+from .cookie import Endpoint, RateLimiter
 from .crypto import DH, DH_pubkey, HASH, MAC, CryptoFailure, clamp
+from .wire import Buffer
 
 TOKEN_PREFIX = "pytun1:"
 PROLOGUE = b"pytun enroll v1"
@@ -129,7 +131,8 @@ def _checksum(body: bytes) -> bytes:
     return hashlib.blake2s(body, digest_size=CHECKSUM_LEN, person=b"pytunchk").digest()
 
 
-def new_token(hub_public: bytes, endpoint: str, name: str, rng) -> Token:
+def new_token(hub_public: bytes, endpoint: str, name: str, rng: Callable[[int], bytes]
+              ) -> Token:
     """A fresh token: random invite id and secret from `rng(n) -> bytes`."""
     return Token(hub_public, endpoint, rng(INVITE_ID_LEN), rng(SECRET_LEN), name)
 
@@ -248,7 +251,7 @@ class Request:
     h: bytes = field(repr=False)
 
 
-def is_request(data) -> bool:
+def is_request(data: Buffer) -> bool:
     """The cheap test the hub's receive path makes on a datagram WireGuard does not know."""
     return len(data) >= _HEADER_LEN and data[0] == MSG_REQUEST
 
@@ -297,7 +300,7 @@ def create_reply(request: Request, ephemeral_private: bytes, ok: bool, text: str
     return bytes([MSG_REPLY, 0, 0, 0]) + e_pub + enc_body
 
 
-def request_digest(data) -> bytes:
+def request_digest(data: Buffer) -> bytes:
     """Names a request byte for byte (the hub answers a repeat of one it enrolled from memory)."""
     return HASH(bytes(data))
 
@@ -311,7 +314,7 @@ class EnrollLimiter(RateLimiter):
     BURST = 5
     WRONG_INVITE_WAIT = 10.0
 
-    def penalize(self, endpoint, now: float) -> None:
+    def penalize(self, endpoint: Endpoint, now: float) -> None:
         key = self._key(endpoint)
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -343,16 +346,16 @@ class Gate:
         self._mac1_key = mac1_key(hub_public)
         self.limiter = EnrollLimiter()
 
-    def check_mac1(self, data) -> bool:
+    def check_mac1(self, data: Buffer) -> bool:
         if len(data) != REQUEST_LEN:
             return False
         return hmac.compare_digest(MAC(self._mac1_key, bytes(data[:_MAC1_START])),
                                    bytes(data[_MAC1_START:]))
 
-    def allow(self, src, now: float) -> bool:
+    def allow(self, src: Endpoint, now: float) -> bool:
         return self.limiter.allow(src, now)
 
-    def penalize(self, src, now: float) -> None:
+    def penalize(self, src: Endpoint, now: float) -> None:
         self.limiter.penalize(src, now)
 
     def __repr__(self) -> str:

@@ -18,7 +18,7 @@ import socket
 import struct
 import subprocess
 import sys
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
@@ -76,12 +76,12 @@ def open_tun(name: str, *, vnet_hdr: bool = False) -> tuple[int, str]:
             name.encode(), IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)))
     except OSError as exc:
         os.close(fd)
-        why = {
+        why: str | None = {
             errno.EBUSY: "it is busy (another process has it open)",
             errno.EPERM: "permission denied (run as root or with CAP_NET_ADMIN)",
             errno.EACCES: "permission denied (run as root or with CAP_NET_ADMIN)",
             errno.EINVAL: "invalid name, or an interface of another type already has it",
-        }.get(exc.errno, exc.strerror)
+        }.get(exc.errno or 0, exc.strerror)
         raise LinuxError(f"cannot create TUN device {name}: {why}") from None
     actual = _IFREQ.unpack(ifr[: _IFREQ.size])[0].rstrip(b"\0").decode()
     return fd, actual
@@ -105,7 +105,7 @@ def _netlink(what: str, ignore: tuple[int, ...] = ()) -> Iterator[IPRoute]:
         raise LinuxError(f"{what}: {exc}") from None
 
 
-def run_apart(fn, *args):
+def run_apart(fn: Callable[..., Any], *args: Any) -> Any:
     """fn(*args) in a forked child; returns its result here or raises its exception here.
 
     For set-up and tear-down steps that load large libraries (pyroute2, python-iptables): the
@@ -149,12 +149,13 @@ def _index(ipr: IPRoute, ifname: str) -> int:
     found = ipr.link_lookup(ifname=check_ifname(ifname))
     if not found:
         raise LinuxError(f"no such interface: {ifname}")
-    return found[0]
+    return int(found[0])
 
 
 def _ifname(ipr: IPRoute, index: int) -> str | None:
     for link in ipr.get_links(index):
-        return link.get("IFLA_IFNAME")
+        name: str | None = link.get("IFLA_IFNAME")
+        return name
     return None
 
 
@@ -207,7 +208,9 @@ def configure_link(ifname: str, addresses: list[Interface], mtu: int) -> None:
         ipr.link("set", index=index, state="up")
 
 
-def _route_spec(ipr: IPRoute, dst, ifname, table, via, kind=None, metric=None) -> dict:
+def _route_spec(ipr: IPRoute, dst: Network, ifname: str | None, table: int | None,
+                via: Any, kind: str | None = None, metric: int | None = None
+                ) -> dict[str, Any]:
     dst = ipaddress.ip_network(dst)
     spec = {"family": _FAMILY[dst.version], "dst": str(dst.network_address),
             "dst_len": dst.prefixlen}
@@ -224,7 +227,8 @@ def _route_spec(ipr: IPRoute, dst, ifname, table, via, kind=None, metric=None) -
     return spec
 
 
-def _route_text(dst, ifname, table, via, kind=None, metric=None) -> str:
+def _route_text(dst: Network, ifname: str | None, table: int | None, via: Any,
+                kind: str | None = None, metric: int | None = None) -> str:
     return " ".join(
         ([kind] if kind is not None else [])
         + [str(dst)]
@@ -236,7 +240,7 @@ def _route_text(dst, ifname, table, via, kind=None, metric=None) -> str:
 
 
 def add_route(dst: Network, ifname: str | None = None, table: int | None = None,
-              via=None, *, replace: bool = False, kind: str | None = None,
+              via: Any = None, *, replace: bool = False, kind: str | None = None,
               metric: int | None = None) -> None:
     """`ip route add [KIND] DST [via VIA] [dev IFNAME] [table TABLE] [metric M]` (or `replace`).
 
@@ -249,7 +253,7 @@ def add_route(dst: Network, ifname: str | None = None, table: int | None = None,
 
 
 def del_route(dst: Network, ifname: str | None = None, table: int | None = None,
-              via=None, *, kind: str | None = None, metric: int | None = None) -> None:
+              via: Any = None, *, kind: str | None = None, metric: int | None = None) -> None:
     """Delete a route; a route (or interface) that is already gone is not an error."""
     if ifname is not None and not link_exists(ifname):
         return
@@ -258,8 +262,9 @@ def del_route(dst: Network, ifname: str | None = None, table: int | None = None,
         ipr.route("del", **_route_spec(ipr, dst, ifname, table, via, kind, metric))
 
 
-def _rule_spec(table, family, fwmark, invert, suppress_prefixlength, priority) -> dict:
-    spec = {"family": _FAMILY[family], "table": int(table)}
+def _rule_spec(table: int, family: int, fwmark: int | None, invert: bool,
+               suppress_prefixlength: int | None, priority: int | None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"family": _FAMILY[family], "table": int(table)}
     if fwmark is not None:
         spec["fwmark"] = int(fwmark)
     if invert:

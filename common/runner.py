@@ -21,13 +21,14 @@ from typing import Any, Callable
 import trio
 
 from . import control, linux
-from .driver import Driver, open_udp
+from .device import Device
+from .driver import Driver, EventHandler, open_udp
 
 
 class DeviceLink:
-    def __init__(self, ifname: str, addresses: list, mtu: int, *, port: int = 0,
+    def __init__(self, ifname: str, addresses: list[Any], mtu: int, *, port: int = 0,
                  mark: int = 0, sticky: bool = False,
-                 configure: Callable[[str, list, int], Any] = linux.configure_link):
+                 configure: Callable[[str, list[Any], int], Any] = linux.configure_link):
         self.ifname = ifname
         self.addresses = addresses
         self.mtu = mtu
@@ -53,13 +54,14 @@ class DeviceLink:
         self.open_tun()
         self.open_socket()
 
-    def driver(self, device, on_event=None) -> Driver:
+    def driver(self, device: Device, on_event: EventHandler | None = None) -> Driver:
         assert self.tun_fd is not None and self.sock is not None, "open() first"
         self._driver = Driver(device, self.tun_fd, self.sock, on_event=on_event,
                               sticky=self.sticky, vnet_hdr=True)
         return self._driver
 
-    async def serve(self, nursery: trio.Nursery, control_path: str, handler) -> None:
+    async def serve(self, nursery: trio.Nursery, control_path: str,
+                    handler: control.Handler) -> None:
         """Start the data thread, then the control socket; both stop with the nursery."""
         assert self._driver is not None, "driver() first"
         await nursery.start(self._driver.run)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Mapping
 
 
 class Notifier:
@@ -26,7 +27,7 @@ class Notifier:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
 
     @classmethod
-    def from_environment(cls, environ=os.environ) -> "Notifier":
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> "Notifier":
         address = environ.get("NOTIFY_SOCKET") or None
         usec = None
         try:
