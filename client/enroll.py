@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 
+from ..common.errors import PytunError
 from ..common import config, enroll, keys
 
 DEFAULT_TIMEOUT = 15.0
@@ -27,7 +28,7 @@ RETRY_AFTER = (1.0, 2.0, 3.0, 4.0)  # seconds between sends; the last one repeat
 MAX_REPLY = 2048
 
 
-class EnrollError(Exception):
+class EnrollError(PytunError):
     """A one-line failure shown as `pytun-client: error: ...`."""
 
 

@@ -26,7 +26,8 @@ import time
 
 import trio
 
-from ..common import __version__, cli, config, control, linux
+from ..common.errors import PytunError
+from ..common import __version__, cli, config, control
 from ..common.cli import human_ago, human_bytes
 from . import enroll as enroll_command
 from . import routes, runtime, tunnel
@@ -42,7 +43,7 @@ _NAME_FROM_FILE = re.compile(r"(?:^|/)([a-zA-Z0-9_=+.-]{1,15})\.conf$")  # wg-qu
 log = logging.getLogger("pytun")
 
 
-class ClientError(Exception):
+class ClientError(PytunError):
     """A one-line failure shown as `pytun-client: error: ...`."""
 
 
@@ -415,9 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else 2
     _setup_logging(args.verbose)
-    return cli.run(PROG, args.fn, args,
-                   (ClientError, TunnelError, config.ConfigError, linux.LinuxError,
-                    enroll_command.EnrollError))
+    return cli.run(PROG, args.fn, args)
 
 
 if __name__ == "__main__":

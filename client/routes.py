@@ -36,6 +36,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
+from ..common.errors import PytunError
 from ..common import linux
 
 DEFAULT_TABLE = 51820  # wg-quick's first choice for the full-tunnel table and fwmark
@@ -45,7 +46,7 @@ SRC_VALID_MARK = "/proc/sys/net/ipv4/conf/all/src_valid_mark"
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class PlanError(ValueError):
+class PlanError(PytunError):
     """The configuration asks for routing pytun-client cannot set up."""
 
 

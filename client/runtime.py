@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..common.errors import PytunError
 from ..common import files, linux
 from . import dns, hooks, routes
 
@@ -19,7 +20,7 @@ RUN_DIR = "/run/pytun"
 STATE_VERSION = 1
 
 
-class TunnelError(Exception):
+class TunnelError(PytunError):
     """The tunnel cannot come up; the message is one line for the operator."""
 
 

@@ -13,6 +13,9 @@ import sys
 import time
 from typing import Any, Callable, Iterator
 
+from .errors import PytunError
+from .keys import BadKey
+
 
 def sole_error(exc: BaseException) -> BaseException:
     """The one error inside a group (however deeply nested), or exc itself. A group of several
@@ -46,9 +49,11 @@ def describe_os_error(exc: OSError) -> str:
 
 
 def run(prog: str, fn: Callable[[Any], int], args: Any,
-        expected: tuple[type[BaseException], ...]) -> int:
-    """fn(args)'s exit code; an expected error, an OSError or Ctrl-C becomes one stderr line,
-    also when it comes out of a trio nursery in an exception group."""
+        expected: tuple[type[BaseException], ...] = ()) -> int:
+    """fn(args)'s exit code, for every pytun command: a PytunError (or one of `expected`),
+    a bad key, an OSError or Ctrl-C becomes one stderr line and exit status 1 (130 for
+    Ctrl-C), also when it comes out of a trio nursery in an exception group."""
+    expected = (PytunError, BadKey, *expected)
     try:
         with unwrapped():
             return fn(args)

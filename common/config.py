@@ -28,6 +28,7 @@ from typing import Any
 from ipaddress import (IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface,
                        IPv6Network)
 
+from .errors import PytunError
 from . import keys
 
 IPInterface = IPv4Interface | IPv6Interface
@@ -40,7 +41,7 @@ _HOSTNAME = re.compile(
     r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?")
 
 
-class ConfigError(ValueError):
+class ConfigError(PytunError):
     """A config file that cannot be used. The message starts with `path:line:`."""
 
 

@@ -42,6 +42,8 @@ import socket
 import stat
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from .errors import PytunError
+
 if TYPE_CHECKING:
     import trio
 
@@ -55,7 +57,7 @@ _KEY = re.compile(r"[a-z_][a-z0-9_]*")
 Pairs = list[tuple[str, str]]
 
 
-class ControlError(Exception):
+class ControlError(PytunError):
     """A refused request, or a failed exchange. `errno` travels in the answer."""
 
     def __init__(self, message: str, errno: int = _errno.EINVAL):

@@ -20,6 +20,8 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from .errors import PytunError
+
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
 
@@ -40,7 +42,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 
-class LinuxError(Exception):
+class LinuxError(PytunError):
     """A kernel operation failed; the message is meant for the operator."""
 
 

@@ -22,18 +22,18 @@ import stat
 import sys
 import time
 
+from ..common.errors import PytunError
 from pytun.common import __version__, cli, config, control, keys
 from pytun.common.cli import human_ago, human_bytes
 
 from . import migrate, policy, state
-from .policy import PolicyError
-from .registry import Peer, RegistryError, SqliteRegistry
+from .registry import Peer, SqliteRegistry
 
 PROG = "pytun-admin"
 DEFAULT_KEEPALIVE = 25
 
 
-class AdminError(Exception):
+class AdminError(PytunError):
     """A one-line failure shown as `pytun-admin: error: ...`."""
 
 
@@ -955,9 +955,7 @@ def main(argv: list[str] | None = None) -> int:
     args.state_dir = state.resolve_state_dir(args.state_dir)
     from . import admin_ops
     args.fn = admin_ops.audited(args, sys.argv[1:] if argv is None else argv)
-    return cli.run(PROG, args.fn, args, (AdminError, RegistryError, state.StateError, keys.BadKey,
-                                         config.ConfigError, control.ControlError, PolicyError,
-                                         migrate.MigrateError))
+    return cli.run(PROG, args.fn, args)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import time
 
 import trio
 
+from ..common.errors import PytunError
 from ..common import control, keys, linux
 from ..common.device import Device
 from ..common.peer import Event
@@ -43,7 +44,7 @@ RECORD_EVERY = 300  # seconds between stored handshake times of a laptop that st
 FIREWALL_RETRY = 5.0  # seconds before a failed live firewall change is tried again
 
 
-class StartupError(Exception):
+class StartupError(PytunError):
     """The hub cannot start; the message is one clear line."""
 
 

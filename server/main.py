@@ -10,11 +10,13 @@ import sys
 import trio
 
 from ..common import __version__, cli, linux
+from ..common.errors import PytunError
 from . import logformat, nat, state
 from .hub import Hub, StartupError
-from .registry import RegistryError, SqliteRegistry
+from .registry import SqliteRegistry
 
 log = logging.getLogger("pytun")
+PROG = "pytun-server"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,43 +57,47 @@ def cleanup(state_dir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) and usage errors (2)
+        return exc.code if isinstance(exc.code, int) else 2
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logformat.formatter(args.log_format, "pytun-server"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         handlers=[handler])
-    state_dir = state.resolve_state_dir(args.state_dir)
-    if args.cleanup:
-        try:
-            cleanup(state_dir)
-        except (nat.NatError, linux.LinuxError, OSError) as exc:
-            print(f"pytun-server: error: cleanup failed: {exc}", file=sys.stderr)
-            return 1
-        log.info("cleaned up what a hub with state in %s may have left", state_dir)
-        return 0
+    args.state_dir = state.resolve_state_dir(args.state_dir)
+    return cli.run(PROG, _cleanup if args.cleanup else _serve, args)
+
+
+def _cleanup(args) -> int:
     try:
-        settings = state.load_settings(state_dir)
-        private_key = state.load_private_key(state_dir)
-        registry = SqliteRegistry(state.registry_path(state_dir), create=False)
-    except (state.StateError, RegistryError) as exc:
-        print(f"pytun-server: error: {exc}", file=sys.stderr)
-        return 1
+        cleanup(args.state_dir)
+    except (nat.NatError, linux.LinuxError, OSError) as exc:
+        raise CleanupError(f"cleanup failed: {exc}") from None
+    log.info("cleaned up what a hub with state in %s may have left", args.state_dir)
+    return 0
+
+
+def _serve(args) -> int:
+    settings = state.load_settings(args.state_dir)
+    private_key = state.load_private_key(args.state_dir)
+    registry = SqliteRegistry(state.registry_path(args.state_dir), create=False)
     try:
         with cli.unwrapped():  # an error in one of the hub's tasks comes in a group of one
-            trio.run(Hub(state_dir, settings, private_key, registry).run,
+            trio.run(Hub(args.state_dir, settings, private_key, registry).run,
                      strict_exception_groups=True)
     except StartupError as exc:
-        print(f"pytun-server: error: cannot start: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"pytun-server: error: {cli.describe_os_error(exc)}", file=sys.stderr)
-        return 1
+        raise StartupError(f"cannot start: {exc}") from None
     except KeyboardInterrupt:
-        pass
+        pass  # Ctrl-C while starting: a clean stop, like SIGINT once up
     finally:
         registry.close()
     log.info("stopped")
     return 0
+
+
+class CleanupError(PytunError):
+    """--cleanup could not remove something; the message says what."""
 
 
 if __name__ == "__main__":

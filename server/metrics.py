@@ -39,6 +39,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from ..common.errors import PytunError
 from ..common import __version__
 from ..common.peer import REJECT_AFTER_TIME
 
@@ -74,7 +75,7 @@ FAMILIES = {
 }
 
 
-class MetricsError(ValueError):
+class MetricsError(PytunError):
     """Bad metrics settings; the message is one line."""
 
 

@@ -20,6 +20,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 
+from ..common.errors import PytunError
 from pytun.common import config, keys
 
 from . import policy, state
@@ -33,7 +34,7 @@ NAME_PATTERNS = [re.compile(p, re.I) for p in (
 )]
 
 
-class MigrateError(Exception):
+class MigrateError(PytunError):
     """A backup, restore, export or import that cannot be done; one line says why."""
 
 

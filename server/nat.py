@@ -41,6 +41,7 @@ import sys
 import warnings
 from typing import Iterator
 
+from ..common.errors import PytunError
 from . import firewall
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ LEGACY_SAVED = "ip_forward.saved"
 XTABLES_LOCK = "/run/xtables.lock"
 
 
-class NatError(Exception):
+class NatError(PytunError):
     """A firewall or sysctl change failed; the message says which and why."""
 
 

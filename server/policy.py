@@ -27,6 +27,8 @@ import re
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 
+from ..common.errors import PytunError
+
 IPNetwork = IPv4Network | IPv6Network
 
 EVERYONE = "everyone"
@@ -45,7 +47,7 @@ SPECIAL = {
 }
 
 
-class PolicyError(ValueError):
+class PolicyError(PytunError):
     """A rule or group that cannot be; the message says why in one line."""
 
 

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 
+from ..common.errors import PytunError
 from pytun.common import keys
 
 from . import policy
@@ -35,7 +36,7 @@ SCHEMA_VERSION = 2
 NAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,32}$")
 
 
-class RegistryError(ValueError):
+class RegistryError(PytunError):
     """A refused registry operation; the message says why, in one line."""
 
 

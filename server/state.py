@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from ipaddress import (IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface,
                        IPv6Network)
 
+from ..common.errors import PytunError
 from pytun.common import config, files, keys
 
 from . import policy
@@ -37,7 +38,7 @@ DEFAULT_UNDER_LOAD = 1000  # handshake messages a second
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 
-class StateError(ValueError):
+class StateError(PytunError):
     """The state directory is missing, incomplete or invalid; the message says which."""
 
 

@@ -130,3 +130,20 @@ def test_the_laptop_client_never_needs_hub_code():
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_every_operator_facing_error_shares_one_base_that_is_no_value_error():
+    """A broad `except ValueError` around parsing never swallows one of them by accident,
+    and every command prints any of them as one `PROG: error:` line (common/cli.run)."""
+    from pytun.client import enroll, main as client_main, routes, runtime
+    from pytun.common import config, control, linux
+    from pytun.common.errors import PytunError
+    from pytun.server import admin, hub, metrics, migrate, nat, policy, registry, state
+    from pytun.server import main as server_main
+    errors = [linux.LinuxError, config.ConfigError, control.ControlError, metrics.MetricsError,
+              state.StateError, hub.StartupError, registry.RegistryError, admin.AdminError,
+              policy.PolicyError, nat.NatError, migrate.MigrateError, client_main.ClientError,
+              enroll.EnrollError, runtime.TunnelError, routes.PlanError,
+              server_main.CleanupError]
+    for error in errors:
+        assert issubclass(error, PytunError) and not issubclass(error, ValueError), error
