@@ -19,7 +19,6 @@ dropped and counted.
 from __future__ import annotations
 
 import os
-import struct
 import time
 from collections import Counter
 from typing import Any, Callable, Iterable
@@ -34,7 +33,11 @@ from .peer import (HANDSHAKE_INITIATION_RATE, Event, RECEIVE_REKEY_AGE, REJECT_A
                    Endpoint, Keypair, Packet, PendingHandshake, Peer)
 from .timers import Timers
 
-_TRANSPORT_HDR = struct.Struct("<IIQ")
+# wire.py owns the format; bound here as names for the hot path.
+_TRANSPORT_HDR = wire.TRANSPORT_HDR
+_OVERHEAD = wire.TRANSPORT_MIN_LEN  # header and tag around a padded payload
+_PAYLOAD = wire.TRANSPORT_HEADER_LEN
+_PREFIX = wire.TRANSPORT_PREFIX
 _PAD = bytes(16)
 UNDER_LOAD_WINDOW = 1.0
 
@@ -155,12 +158,12 @@ class Device(Timers):
             packet = bytes(packet) + _PAD[:padded - n]
         counter = kp.send_counter
         kp.send_counter = counter + 1
-        datagram = bytearray(padded + 32)
+        datagram = bytearray(padded + _OVERHEAD)
         _TRANSPORT_HDR.pack_into(datagram, 0, 4, kp.remote_index, counter)
         kp.send.seal_into(counter, packet, datagram)
         # Callers send only to a peer with an endpoint (else the packet is staged).
         self.net_out.append((datagram, peer.endpoint))  # type: ignore[arg-type]
-        peer.tx_bytes += padded + 32
+        peer.tx_bytes += padded + _OVERHEAD
         # Timers, inlined: any authenticated packet sent.
         peer.keepalive_at = None
         if peer.persistent_keepalive:
@@ -225,7 +228,7 @@ class Device(Timers):
     # -- from the network -------------------------------------------------------------------------
 
     def receive(self, data: Packet, src: Endpoint, now: float) -> None:
-        if len(data) >= 32 and data[0] == 4 and data[1] == 0 and data[2] == 0 and data[3] == 0:
+        if len(data) >= _OVERHEAD and data[:4] == _PREFIX:
             self._receive_transport(data, src, now)
             return
         try:
@@ -414,7 +417,7 @@ class Device(Timers):
             self.drops["replay"] += 1
             return
         try:
-            plaintext = kp.recv.open(counter, data[16:])
+            plaintext = kp.recv.open(counter, data[_PAYLOAD:])
         except CryptoFailure:
             self.drops["decrypt"] += 1
             return

@@ -19,7 +19,11 @@ INITIATION_LEN = 148
 RESPONSE_LEN = 92
 COOKIE_REPLY_LEN = 64
 TRANSPORT_HEADER_LEN = 16
-TRANSPORT_MIN_LEN = 32  # header + empty payload's 16-byte tag
+TAG_LEN = 16  # ChaCha20-Poly1305's tag after every transport payload
+TRANSPORT_MIN_LEN = TRANSPORT_HEADER_LEN + TAG_LEN  # a keepalive
+# The first four bytes of every transport message (type 4, three reserved zeros): the hot
+# path's one-comparison test.
+TRANSPORT_PREFIX = bytes([MSG_TRANSPORT, 0, 0, 0])
 
 # Offsets of mac1 / mac2 in the handshake messages.
 INITIATION_MAC1 = 116
@@ -37,7 +41,8 @@ class BadPacket(Exception):
 _INIT = struct.Struct("<I I 32s 48s 28s 16s 16s")
 _RESP = struct.Struct("<I I I 32s 16s 16s 16s")
 _COOKIE = struct.Struct("<I I 24s 32s")
-_TRANSPORT_HDR = struct.Struct("<I I Q")
+TRANSPORT_HDR = struct.Struct("<I I Q")  # type, receiver index, counter
+_TRANSPORT_HDR = TRANSPORT_HDR
 _U32 = struct.Struct("<I")
 
 
