@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from typing import Any
 
-
-def is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
+from ..common.endpoint import Endpoint, is_ip  # noqa: F401 (is_ip: resolve's API)
 
 
 def lookup(host: str, port: int, family: int) -> list[str]:
@@ -34,7 +27,5 @@ def next_address(addresses: list, current) -> Any:
 
 
 def host_of(endpoint) -> str | None:
-    if endpoint is None:
-        return None
-    host = endpoint[0]
-    return host[7:] if host.startswith("::ffff:") and "." in host else host
+    """The host of a socket address, unmapped (::ffff:192.0.2.1 -> 192.0.2.1)."""
+    return None if endpoint is None else Endpoint.from_sockaddr(endpoint).host

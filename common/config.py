@@ -28,6 +28,7 @@ from typing import Any
 from ipaddress import (IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface,
                        IPv6Network)
 
+from .endpoint import HOSTNAME, Endpoint, is_ip
 from .errors import PytunError
 from . import keys
 
@@ -37,8 +38,7 @@ IPAddress = IPv4Address | IPv6Address
 
 PLACEHOLDER_PREFIX = "<the private key that goes with "
 
-_HOSTNAME = re.compile(
-    r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?")
+_HOSTNAME = HOSTNAME  # also what a DNS search domain must look like
 
 
 class ConfigError(PytunError):
@@ -101,33 +101,13 @@ class WgConfig:
 # ---------------------------------------------------------------------------------- values
 
 
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """`host:port` or `[v6]:port` -> (host, port). Raises ValueError with a readable reason."""
-    text = text.strip()
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"endpoint {text!r} must look like [v6-address]:port")
-        try:
-            IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"endpoint {text!r}: {host!r} is not an IPv6 address") from None
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep or not host:
-            raise ValueError(f"endpoint {text!r} must look like host:port or [v6-address]:port")
-        if ":" in host:
-            raise ValueError(f"endpoint {text!r}: write an IPv6 address in brackets, [v6]:port")
-        if not _is_ip(host) and not _HOSTNAME.fullmatch(host):
-            raise ValueError(f"endpoint {text!r}: {host!r} is not a host name or address")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"endpoint {text!r}: port must be a number from 1 to 65535")
-    return host, int(port)
+def parse_endpoint(text: str) -> Endpoint:
+    """`host:port` or `[v6]:port` -> Endpoint(host, port). ValueError with a readable reason."""
+    return Endpoint.parse(text)
 
 
 def format_endpoint(endpoint: tuple[str, int]) -> str:
-    host, port = endpoint
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(Endpoint(*endpoint))
 
 
 def placeholder_for(public_key: bytes) -> str:
@@ -136,11 +116,7 @@ def placeholder_for(public_key: bytes) -> str:
 
 
 def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
+    return is_ip(text)
 
 
 def _split_list(value: str) -> list[str]:

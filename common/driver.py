@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import logging
 import os
 import select
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import trio
 
 from . import linux, tcpgro
+from .endpoint import Endpoint as UdpEndpoint
 from .peer import Endpoint, Event, Packet, Peer
 
 if TYPE_CHECKING:
@@ -99,28 +99,12 @@ def _bound(family: int, address: tuple[Any, ...]) -> socket.socket:
 
 def endpoint_for(sock: socket.socket, host: str, port: int) -> Endpoint:
     """The socket address to send to `host:port` from `sock` (IPv4 mapped on a v6 socket)."""
-    addr = ipaddress.ip_address(host.strip("[]"))
-    if sock.family == socket.AF_INET6:
-        if addr.version == 4:
-            return (f"::ffff:{addr}", port, 0, 0)
-        return (str(addr), port, 0, 0)
-    if addr.version == 6:
-        if addr.ipv4_mapped is None:
-            raise ValueError(f"{host} is IPv6 but IPv6 is off on this host")
-        addr = addr.ipv4_mapped
-    return (str(addr), port)
+    return UdpEndpoint(host, port).sockaddr(sock.family)
 
 
 def format_endpoint(endpoint: Endpoint | None) -> str:
     """'192.0.2.1:51820' or '[2001:db8::1]:51820' for a socket address, '' for None."""
-    if endpoint is None:
-        return ""
-    host, port = endpoint[0], endpoint[1]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
+    return "" if endpoint is None else str(UdpEndpoint.from_sockaddr(endpoint))
 
 
 def _reply_cmsg(level: int, kind: int, data: bytes) -> list[tuple[int, int, bytes]]:

@@ -19,6 +19,7 @@ import stat
 import subprocess
 
 from pytun.common import control
+from pytun.common.endpoint import Endpoint
 
 from . import nat, policy, state
 
@@ -228,7 +229,7 @@ def check_registry(path: str) -> Check:
 
 
 def check_endpoint(settings, local: set, resolve) -> Check:
-    host = settings.endpoint.rpartition(":")[0].strip("[]")
+    host = Endpoint.parse(settings.endpoint).host
     try:
         addresses = resolve(host)
     except OSError as exc:

@@ -29,7 +29,8 @@ from ..common import control, keys, linux
 from ..common.device import Device
 from ..common.peer import Event
 from ..common.runner import DeviceLink
-from ..common.driver import Driver, endpoint_for, format_endpoint
+from ..common.driver import Driver, format_endpoint
+from ..common.endpoint import Endpoint
 from . import firewall, invites, nat, policy, state
 from .registry import Registry, RegistryError
 from .ops import MetricsError, Operations
@@ -212,9 +213,8 @@ class Hub:
                    *record.sites]
         endpoint = None
         if record.endpoint and self.sock is not None:
-            host, _, port = record.endpoint.rpartition(":")
-            try:
-                endpoint = endpoint_for(self.sock, host, int(port))
+            try:  # as stored: "198.51.100.18:40000" or "[2001:db8::2]:40000"
+                endpoint = Endpoint.parse(record.endpoint).sockaddr(self.sock.family)
             except ValueError:
                 endpoint = None
         seen = record.last_handshake

@@ -21,7 +21,8 @@ from ipaddress import (IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv
                        IPv6Network)
 
 from ..common.errors import PytunError
-from pytun.common import config, files, keys
+from pytun.common import files, keys
+from pytun.common.endpoint import Endpoint
 
 from . import policy
 from .registry import RegistryError, SqliteRegistry
@@ -72,15 +73,8 @@ def socket_path(state_dir: str) -> str:
 
 def normalize_endpoint(text: str, default_port: int) -> str:
     """'vpn.example.com' -> 'vpn.example.com:51820'; '[fd00::1]:4000' stays; checks the rest."""
-    text = text.strip()
-    if text.startswith("[") and "]:" not in text and text.endswith("]"):
-        text = f"{text}:{default_port}"
-    elif not text.startswith("[") and text.count(":") > 1:
-        text = f"[{text}]:{default_port}"
-    elif ":" not in text:
-        text = f"{text}:{default_port}"
     try:
-        return config.format_endpoint(config.parse_endpoint(text))
+        return str(Endpoint.parse(text, default_port))
     except ValueError as exc:
         raise StateError(str(exc)) from None
 
