@@ -121,7 +121,6 @@ def parse_response(text: str) -> tuple[Pairs, int]:
     return pairs[:-1], errno
 
 
-PEER_FIELDS = ("public_key", "address", "endpoint", "latest_handshake", "rx_bytes", "tx_bytes")
 
 
 def get_response_pairs(peers: Iterable[dict[str, Any]]) -> Pairs:

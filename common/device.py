@@ -110,11 +110,6 @@ class Device(Timers):
         peer.staged = ()
         self.disarm(peer)
 
-    def set_allowed_ips(self, peer: Peer, networks: Iterable[Any]) -> None:
-        self.allowed_ips.remove_by_peer(peer)
-        for network in networks:
-            self.allowed_ips.insert(network, peer)
-
     def _new_index(self) -> int:
         while True:
             index = int.from_bytes(self.rng(4), "little")

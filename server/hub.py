@@ -69,7 +69,6 @@ class Hub:
         self._pending_ts: dict[str, bytes] = {}  # public key -> greatest TAI64N, not yet stored
         self._stored_ts: dict[str, bytes] = {}  # public key -> greatest TAI64N known stored
         self._logged: dict[tuple, list] = {}  # (kind, name) -> [time of last line, not logged]
-        self.registry_writes = 0  # transactions written behind (for tests and benchmarks)
         self._writer_wake: trio.Event | None = None  # set when a peer is marked
         self.peers: dict[str, tuple[tuple, object]] = {}  # name -> (spec, engine peer)
         self.driver: Driver | None = None
@@ -327,10 +326,8 @@ class Hub:
         try:
             if timestamps:
                 self.registry.raise_handshake_timestamps(timestamps)
-                self.registry_writes += 1
             if endpoints:
                 self.registry.record_endpoints(endpoints)
-                self.registry_writes += 1
         except RegistryError as exc:
             log.warning("could not record %d endpoints and %d handshake timestamps: %s",
                         len(endpoints), len(timestamps), exc)

@@ -153,14 +153,6 @@ def _build(family: int, spec: dict):
     return rule
 
 
-def _comment_of(rule) -> str | None:
-    for m in rule.matches:
-        if m.name == "comment":
-            value = m.get_all_parameters().get("comment")
-            return value[0] if value else None
-    return None
-
-
 def _our_chains(tag: str, table: str) -> set[str]:
     return {firewall.chain(tag, s) for s, t in firewall.CHAINS.items() if t == table}
 

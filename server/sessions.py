@@ -24,12 +24,11 @@ MOVE_LOG_EVERY = 10.0  # at most one "endpoint changed" line per session this of
 
 
 class Session:
-    __slots__ = ("peer", "started", "started_wall", "rx0", "tx0", "moves", "move_logged")
+    __slots__ = ("peer", "started", "rx0", "tx0", "moves", "move_logged")
 
-    def __init__(self, peer, now: float, wall: float):
+    def __init__(self, peer, now: float):
         self.peer = peer
         self.started = now
-        self.started_wall = wall
         self.moves = 0  # endpoint changes, all counted; logged at most every MOVE_LOG_EVERY
         self.move_logged: float | None = None
         # The handshake that started it is counted in the peer's totals already.
@@ -65,7 +64,7 @@ class SessionLog:
                                            "endpoint": endpoint, "moves": session.moves}})
 
     def _start(self, peer) -> None:
-        self.active[peer.name] = Session(peer, self.clock(), self.wallclock())
+        self.active[peer.name] = Session(peer, self.clock())
         endpoint = format_endpoint(peer.endpoint)
         log.info("session %s: started from %s", peer.name, endpoint or "?",
                  extra={"fields": {"event": "session_start", "peer": peer.name,
