@@ -9,6 +9,7 @@ Device driven by hand with a sans-IO laptop (no TUN, no socket, no driver thread
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import trio
@@ -277,3 +278,45 @@ def test_a_first_handshake_is_written_at_once_then_at_most_once_a_second(world, 
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=clock)
+
+
+def test_control_requests_without_a_kernel(world):
+    """get, stats, sync and an unknown request, as the control socket hands them over."""
+    from pytun.common import control
+    world.add_laptop()
+    world.hub.sync()
+    world.handshake()
+    (alice,) = control.peers_from_get(world.hub.handle_control([("get", "1")]))
+    assert (alice["name"], alice["address"], alice["endpoint"]) == (
+        "alice", "10.77.0.2/32", "198.51.100.18:40000")
+    assert alice["latest_handshake"] > 0 and alice["rx_bytes"] > 0
+    world.hub.device.receive(b"\x09junk", ATTACKER_EP, world.now)
+    assert ("drop_bad_type", "1") in world.hub.handle_control([("stats", "1")])
+    # sync=1: the registry's change is on the device when the answer comes.
+    world.registry.set_disabled("alice", True)
+    answer = world.hub.handle_control([("sync", "1")])
+    assert trio.run(lambda: answer) == []
+    assert "alice" not in world.hub.peers and "alice" in world.hub._refused
+    with pytest.raises(control.ControlError, match="unknown request 'reboot'"):
+        world.hub.handle_control([("reboot", "1")])
+
+
+def test_rules_and_peers_plan_the_firewall_once_the_egress_is_known(world):
+    """With a view of the host (what the hub learns at start), every sync plans the kernel:
+    a peer's groups and the rules land in the plan, an expired peer leaves it."""
+    from pytun.server import firewall, policy
+    world.hub.view = policy.HubView.from_settings(world.settings, "eth0", None)
+    world.registry.ensure_default_rules(policy.default_rules(world.settings))
+    world.registry.add(Peer(name="bob", public_key=keys.encode_key(static_key("bob")[1]),
+                            address="10.77.0.3", groups=["dev"], expires=int(time.time()) + 10**6))
+    world.registry.add_rule(policy.parse_rule("dev", "10.20.3.0/24", "tcp/5432"))
+    world.hub.sync()
+    plan = world.hub.wanted[4]
+    everyone = plan["sets"][firewall.set_name(world.settings.interface, "everyone", 4)]
+    dev = plan["sets"][firewall.set_name(world.settings.interface, "dev", 4)]
+    assert everyone == ["10.77.0.3/32"] and dev == ["10.77.0.3/32"]
+    assert 6 not in world.hub.wanted  # no IPv6 subnet
+    world.registry.set_expiry("bob", 1)  # long gone
+    world.hub.sync()
+    assert world.hub.wanted[4]["sets"][firewall.set_name(world.settings.interface, "dev", 4)] \
+        == [] and "bob" not in world.hub.peers
