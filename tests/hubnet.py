@@ -99,7 +99,7 @@ class Hub:
 # Prints the source address of the one datagram it receives, and echoes it: who NAT made us.
 UDP_SOURCE_SERVER = r"""
 import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((sys.argv[1], int(sys.argv[2])))
 print("listening", flush=True)
 s.settimeout(30)

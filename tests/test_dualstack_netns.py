@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import re
 import subprocess
-import textwrap
 
 import pytest
 
 from .conftest import require_tools
-from .hubnet import HUB_INNER, PY, Hub, OurLaptop, WgGoLaptop
+from .hubnet import HUB_INNER, PY, UDP_SOURCE_SERVER, Hub, OurLaptop, WgGoLaptop
 from .netns import Topology, ping, wait_until
 
 pytestmark = pytest.mark.netns
@@ -27,16 +26,6 @@ INET6 = "2001:db8:ff::2"
 HUB6_EGRESS = "2001:db8:ff::1"
 HUB6_INNER = "fd77::1"
 
-SOURCE6 = textwrap.dedent("""
-    import socket, sys
-    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    s.bind((sys.argv[1], 9998))
-    print("listening", flush=True)
-    s.settimeout(20)
-    data, addr = s.recvfrom(100)
-    print(addr[0], flush=True)
-    s.sendto(data, addr)
-""")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +57,8 @@ def test_a_laptop_gets_both_families_and_reaches_ipv6_through_the_hub(net):
     assert ping(ns, HUB6_INNER)  # the hub's IPv6 tunnel address, allowed by "everyone -> hub icmp"
     assert hub.show()["carol"]["address"] == "10.77.0.2/32,fd77::2/128"
 
-    server = hub.inet.popen([PY, "-u", "-c", SOURCE6, INET6], stdout=subprocess.PIPE, text=True)
+    server = hub.inet.popen([PY, "-u", "-c", UDP_SOURCE_SERVER, INET6, "9998"],
+                            stdout=subprocess.PIPE, text=True)
     assert server.stdout.readline().strip() == "listening"
     ns.run([PY, "-c", "import socket; s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM);"
             f" s.settimeout(10); s.sendto(b'hi', ('{INET6}', 9998)); print(s.recv(10))"])
