@@ -13,7 +13,7 @@ import gc
 import ipaddress
 import time
 
-from pytun.common import keys, wire
+from pytun.common import keys
 from pytun.common.device import Device
 from pytun.common.peer import Keypair, Peer as EnginePeer
 from pytun.server import admin, state
@@ -90,7 +90,7 @@ def test_a_thousand_additions_and_removals_leave_nothing_behind(tmp_path):
         lap = Device(private)
         lp = lap.add_peer(hub_public, preshared_key=psk, endpoint=HUB_EP,
                           allowed_ips=[ipaddress.ip_network("10.77.0.0/24")])
-        lap.send(icmp_echo(f"10.77.0.100", "10.77.0.1", r), now)
+        lap.send(icmp_echo("10.77.0.100", "10.77.0.1", r), now)
         shuttle(lap, hub.device, ("198.51.100.50", 30000 + r), HUB_EP, now)
         assert lp.current is not None and len(hub.device.tun_out) == 1, r
         handshakes += 1

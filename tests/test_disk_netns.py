@@ -13,10 +13,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import shutil
-import signal
 import sqlite3
 import subprocess
 

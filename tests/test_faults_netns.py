@@ -6,11 +6,17 @@
   `PRAGMA integrity_check`;
 - another program writing legacy iptables rules in a loop (`iptables-legacy -w`) while the hub
   starts and changes access rules live: neither loses a change, and the hub ends with exactly
-  the rules a quiet start writes.
+  the rules a quiet start writes;
+- 1,000 peers added and removed through the registry and `sync` (200 of them making a session)
+  while a laptop pings and moves 20 MB transfers: no exception, the hub's threads and RSS come
+  back, only the laptop is left, the I/O error counters stay zero (tests/test_churn.py checks
+  the engine's indexes and objects).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import signal
 import sqlite3
@@ -25,6 +31,8 @@ from .badnet import io_errors
 from .conftest import require_tools
 from .hubnet import HUB_INNER, PY, Hub, OurLaptop, WgGoLaptop
 from .netns import ping, topology, wait_until  # noqa: F401 (fixture)
+from .test_hub_hostile_netns import rss_kib
+from .test_hub_netns import tcp_transfer
 
 pytestmark = pytest.mark.netns
 
@@ -191,3 +199,107 @@ def test_a_legacy_iptables_writer_in_a_loop(topology, tmp_path):
     assert hub_rules(hub.ns) == []
     hub.start()
     assert sorted(hub_rules(hub.ns)) == live
+
+
+# Adds PER peers to the registry, has the hub sync, makes a session as the first of them (a
+# Device over a UDP socket), removes the PER peers, has the hub sync; ROUNDS times.
+CHURN = r"""
+import ipaddress, json, socket, sys, time
+from pytun.common import keys
+from pytun.common.device import Device
+from pytun.server import control, state
+from pytun.server.registry import Peer, SqliteRegistry
+state_dir, hub_host, rounds, per = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+hub_public = keys.parse_public(state.public_key(state_dir))
+settings = state.load_settings(state_dir)
+reserved = {a.ip for a in settings.addresses}
+registry = SqliteRegistry(state.registry_path(state_dir), create=False)
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("0.0.0.0", 0))
+sock.settimeout(5)
+syncs, sessions = [], 0
+def sync():
+    t = time.monotonic()
+    control.request(state.socket_path(state_dir), [("sync", "1")], timeout=30)
+    syncs.append(time.monotonic() - t)
+def send(dev):
+    for datagram, endpoint in dev.net_out:
+        sock.sendto(datagram, endpoint)
+    dev.net_out.clear()
+print("start", flush=True)
+t0 = time.monotonic()
+for r in range(rounds):
+    batch = []
+    for i in range(per):
+        private = keys.generate_private()
+        registry.add(Peer(name=f"c{r}-{i}", public_key=keys.encode_key(
+            keys.public_from_private(private)), address=ipaddress.ip_interface(
+            f"10.77.0.{100 + i}/32"), preshared_key=keys.encode_key(keys.generate_psk())
+            if i == 1 else None), subnet=settings.subnet, reserved=reserved)
+        batch.append((f"c{r}-{i}", private))
+    sync()
+    dev = Device(batch[0][1])
+    peer = dev.add_peer(hub_public, endpoint=(hub_host, 51820), allowed_ips=[])
+    dev.initiate(peer, time.monotonic())
+    send(dev)
+    data, src = sock.recvfrom(2000)
+    dev.receive(data, src, time.monotonic())
+    send(dev)  # the keepalive that confirms the session
+    sessions += peer.current is not None
+    for name, _ in batch:
+        registry.remove(name)
+    sync()
+syncs.sort()
+print(json.dumps({"seconds": round(time.monotonic() - t0, 1), "sessions": sessions,
+                  "syncs": len(syncs), "sync_median_ms": round(syncs[len(syncs) // 2] * 1000, 1),
+                  "sync_max_ms": round(syncs[-1] * 1000, 1)}), flush=True)
+"""
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_a_thousand_peers_come_and_go_while_traffic_flows(topology, tmp_path):
+    require_tools("wireguard-go", "wg", "ping")
+    hub = Hub(topology, tmp_path)
+    hub.admin("access", "add", "everyone", "hub", "tcp/5001")
+    hub.start()
+    lap, _ = hub.connect_laptop()
+    WgGoLaptop(lap, tmp_path, hub.add_peer("steady"), ipv6=False)
+    wait_until(lambda: ping(lap, HUB_INNER, timeout=1), timeout=15, what="the laptop to connect")
+    churner, _ = hub.connect_laptop("chu")
+    pid = hub.proc.pid
+    threads_before, (rss_before, _) = _threads(pid), rss_kib(pid)
+    churn = churner.popen([PY, "-u", "-c", CHURN, hub.state_dir, "192.0.2.1", "200", "5"],
+                          stdout=subprocess.PIPE, text=True)
+    assert churn.stdout.readline().strip() == "start"
+    pinger = lap.popen(["ping", "-n", "-q", "-i", "0.05", "-c", "200", HUB_INNER],
+                       stdout=subprocess.PIPE, text=True)
+    transfers = 0
+    while churn.poll() is None and transfers < 5:
+        tcp_transfer(lap, hub.ns, HUB_INNER, 20 << 20)
+        transfers += 1
+    out, _ = churn.communicate(timeout=300)
+    stats = json.loads(out.strip().splitlines()[-1])
+    ping_out, _ = pinger.communicate(timeout=60)
+    answered = int(ping_out.split(" received")[0].rsplit(" ", 1)[1])
+    rss_after, hwm = rss_kib(pid)
+    threads = wait_until(lambda: (n := _threads(pid)) <= threads_before and n, timeout=20,
+                         what="the hub's worker threads to go back to what they were")
+    log = hub.log()
+    errors = io_errors(hub)
+    print(f"\n1000 peers added and removed in {stats['seconds']} s ({stats['syncs']} syncs, "
+          f"median {stats['sync_median_ms']} ms, max {stats['sync_max_ms']} ms), "
+          f"{stats['sessions']} sessions made on them; steady laptop: {transfers} x 20 MB, "
+          f"{answered}/200 pings; hub threads {threads_before} -> {threads}, RSS {rss_before} "
+          f"-> {rss_after} KiB (VmHWM {hwm}); {len(log.splitlines())} log lines; I/O errors "
+          f"{errors}")
+    assert stats["sessions"] == 200 and transfers >= 1 and answered >= 196
+    assert set(hub.show()) == {"steady"}
+    assert "Traceback" not in log and "error" not in log.lower(), log[-2000:]
+    churned = [line for line in log.splitlines() if "peer c" in line]
+    assert sum(" added (" in x for x in churned) == 1000
+    assert sum(x.endswith(" removed") for x in churned) == 1000
+    assert rss_after - rss_before < 16 * 1024
+    assert errors == dict.fromkeys(errors, 0), errors
