@@ -68,12 +68,14 @@ def test_kill_9_at_random_moments(topology, tmp_path):
     rng = random.Random(2026)
     hub = Hub(topology, tmp_path)
     hub.start()
-    laptops = []
+    laptops, secrets = [], []
     for i in range(3):
         ns, _ = hub.connect_laptop()
-        config = hub.add_peer(f"lap{i}")
+        config = hub.add_peer(f"lap{i}", "--psk")
+        secrets += [line.split("=", 1)[1].strip() for line in config.splitlines()
+                    if line.startswith(("PrivateKey", "PresharedKey"))]
         if i == 0:
-            OurLaptop(ns, tmp_path, config, f"lap{i}")
+            ours = OurLaptop(ns, tmp_path, config, f"lap{i}")
         else:
             WgGoLaptop(ns, tmp_path, config, ipv6=False)
         laptops.append(ns)
@@ -103,8 +105,10 @@ def test_kill_9_at_random_moments(topology, tmp_path):
 
     def during_start_up():
         hub.stop(signal.SIGKILL)
+        log_before = len(hub.log())
         start_nowait(hub)
-        time.sleep(rng.uniform(0.1, 0.8))
+        time.sleep(rng.uniform(0.05, 0.4))
+        return "up" if "hub up" in hub.log()[log_before:] else "still starting"
 
     moments = [mid_traffic, after_add_peer, during_access_change, during_start_up]
     rng.shuffle(moments)
@@ -112,7 +116,10 @@ def test_kill_9_at_random_moments(topology, tmp_path):
         leftover = moment()
         assert hub.proc.poll() is None, hub.log()
         hub.stop(signal.SIGKILL)
-        if leftover is not None:  # the pinger is stopped; the access change ends by itself
+        when = moment.__name__
+        if isinstance(leftover, str):
+            when, leftover = f"{when} ({leftover})", None
+        elif leftover is not None:  # the pinger is stopped; the access change ends by itself
             if moment is mid_traffic:
                 leftover.terminate()
             leftover.wait(30)
@@ -121,11 +128,11 @@ def test_kill_9_at_random_moments(topology, tmp_path):
         started = time.monotonic() - t
         for ns in laptops:
             wait_until(lambda: ping(ns, HUB_INNER, timeout=0.5), timeout=20,
-                       what=f"every laptop back after kill -9 {moment.__name__}")
+                       what=f"every laptop back after kill -9 {when}")
         back = time.monotonic() - t
         rules = hub_rules(hub.ns)
         check = integrity(hub)
-        report.append(f"{moment.__name__}: up in {started:.1f} s, 3 laptops back in {back:.1f} s, "
+        report.append(f"{when}: up in {started:.1f} s, 3 laptops back in {back:.1f} s, "
                       f"{len(rules)} rule lines, integrity {check}")
         assert len(rules) == len(set(rules)), rules
         assert check == "ok"
@@ -140,6 +147,10 @@ def test_kill_9_at_random_moments(topology, tmp_path):
     names = set(hub.show())
     assert {"lap0", "lap1", "lap2"} <= names
     assert "Traceback" not in hub.log()
+    # Through all that, no private or preshared key in the hub's or pytun-client's log.
+    assert len(secrets) == 6
+    logs = hub.log() + ours.log_path.read_text()
+    assert [s for s in secrets if s in logs] == []
 
 
 # Adds a rule of its own to INPUT, checks it is there, deletes it, checks it is gone; counts
