@@ -155,7 +155,8 @@ def read_capture(path) -> list[tuple[str, bytes]]:
 FLOOD = r"""
 import json, os, random, select, socket, sys, time
 from pytun.common.crypto import HASH, LABEL_MAC1, MAC
-hub, rate, seconds, nports = (sys.argv[1], 51820), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+hub, rate = (sys.argv[1], 51820), int(sys.argv[2])
+seconds, nports = float(sys.argv[3]), int(sys.argv[4])
 mac1_key = HASH(LABEL_MAC1 + bytes.fromhex(sys.argv[5]))
 rng = random.Random(11)
 socks = []

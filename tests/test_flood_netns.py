@@ -1,8 +1,8 @@
 """A flood of handshake initiations with a valid mac1, in namespaces (topology in hubnet.py):
 
-    attacker 198.51.100.50 (badnet.FLOOD: 2,500 initiations/s from 200 source ports, 20 s) --+
-    established laptop (pytun-client): ping and a 20 MB transfer during the flood -------------+-- hub
-    new laptop (stock wireguard-go), started during the flood --------------------------------+
+    attacker (badnet.FLOOD: 2,500 initiations/s from 200 source ports, 20 s) ---------+
+    established laptop (pytun-client): ping and a 20 MB transfer during the flood ----+-- hub
+    new laptop (stock wireguard-go), started during the flood -----------------------+
 
 Anyone holding a laptop config knows the hub's public key, so can make a valid mac1. Past
 `init --under-load N` handshake messages a second the hub answers such an initiation with a

@@ -78,6 +78,7 @@ def test_a_nat_mapping_expires_with_and_without_keepalive(topology, tmp_path):
     back_ok = ping(hub.ns, laptops["idle"][2], count=3, timeout=1)
     print(f"\nidle mapping gone {expired_s:.1f} s after the last ping; hub -> keep (keepalive "
           f"1 s, endpoint {seen['keep']} all along): {keep_ok}; hub -> idle at {seen['idle']}: "
-          f"{idle_ok} (hub I/O error counters then {errors}); idle laptop sends, hub follows it to {moved}, hub -> idle: {back_ok}")
+          f"{idle_ok} (hub I/O error counters then {errors}); idle laptop sends, hub follows "
+          f"it to {moved}, hub -> idle: {back_ok}")
     assert keep_ok and not idle_ok and back_ok
     assert stale == seen["idle"]  # refused because the hub still knew only the old mapping
