@@ -122,22 +122,25 @@ class Relay:
 
 
 def loss_rule(ns, ports, percent: int) -> None:
-    """Drop `percent` % of the UDP datagrams arriving at `ports` in `ns`, at random (nftables
-    numgen: this kernel has no netem)."""
-    ports_ = ", ".join(map(str, ports))
+    """Drop `percent` % of the UDP packets arriving at each of `ports` in `ns`, at random
+    (nftables numgen: this kernel has no netem). A packet is what the kernel hands the hook:
+    a run of datagrams sent with UDP segmentation offload (the hub does) is one."""
+    rules = "".join(f"    udp dport {port} numgen random mod 100 < {percent} counter drop\n"
+                    for port in ports)
     ns.run(["nft", "-f", "-"], input=f"""
 table inet badnet {{
   chain input {{ type filter hook input priority -10; policy accept;
-    udp dport {{ {ports_} }} numgen random mod 100 < {percent} counter drop
-  }}
+{rules}  }}
 }}
 """)
 
 
-def loss_counted(ns) -> int:
-    """Datagrams the loss rule dropped so far."""
+def loss_counted(ns) -> dict[int, int]:
+    """Packets the loss rule dropped so far, by port."""
     out = ns.run("nft", "list", "table", "inet", "badnet").stdout
-    return int(out.split("counter packets ")[1].split()[0])
+    return {int(line.split("udp dport ")[1].split()[0]):
+            int(line.split("counter packets ")[1].split()[0])
+            for line in out.splitlines() if "counter packets" in line}
 
 
 def read_capture(path) -> list[tuple[str, bytes]]:

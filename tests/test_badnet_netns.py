@@ -68,14 +68,18 @@ def test_loss_reordering_duplication_and_nothing_in_clear(topology, tmp_path):
     stats = relay.stop()
     drops = {k: v - drops_before.get(k, 0) for k, v in hub.drops().items()}
     up, down = stats["up"], stats["down"]
+    up_loss = lost[51820] / (lost[51820] + up["in"])
     print(f"\nhandshake in {handshake_s:.1f} s (first initiation and response dropped); "
           f"{SIZE >> 20} MB in {transfer_s:.1f} s ({SIZE * 8 / transfer_s / 1e6:.1f} Mbit/s); "
-          f"nft dropped {lost}; relay up: {up['in']} in, {up['late']} late, dups {up['dup']}; "
+          f"nft dropped {lost[51820]} datagrams from the laptop ({100 * up_loss:.1f} %) and "
+          f"{lost[40000]} packets from the hub; relay up: {up['in']} in, {up['late']} late, "
+          f"dups {up['dup']}; "
           f"down: {down['in']} in, {down['late']} late, dups {down['dup']}; hub drops {drops}")
     assert up["forced_drop"] == 1 and down["forced_drop"] == 1
     assert errors == dict.fromkeys(errors, 0), errors
-    total = up["in"] + down["in"] + lost
-    assert 0.07 < lost / total < 0.13, (lost, total)  # about 10 %, seen from both sides
+    # wireguard-go sends one datagram at a time: its side shows the rate itself
+    assert 0.08 < up_loss < 0.12, (lost, up)
+    assert lost[40000] > 0
     assert up["late"] > 100 and sum(up["dup"].values()) > 100
     # Every duplicate the relay sent the hub is dropped and counted, and nothing else is.
     assert drops.get("replay", 0) == up["dup"].get("4", 0), (drops, up["dup"])
