@@ -9,11 +9,13 @@ whose message says what was attempted and why it failed.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import ipaddress
 import os
 import pickle
+import signal
 import socket
 import struct
 import subprocess
@@ -115,9 +117,11 @@ def run_apart(fn: Callable[..., Any], *args: Any) -> Any:
     Call it while the process has no other threads.
     """
     r, w = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         try:
+            _die_with(parent)
             os.close(r)
             try:
                 result = (True, fn(*args))
@@ -145,6 +149,21 @@ def run_apart(fn: Callable[..., Any], *args: Any) -> Any:
     if ok:
         return value
     raise value
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """In a forked child: be killed when the process that forked it dies. A step of a hub that
+    was killed (kill -9, the OOM killer) must not outlive it: it holds the TUN device open, so
+    the restarted hub could not create it, and its firewall changes would race the new ones."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux's libc: the step may outlive a killed parent, as before
+    if os.getppid() != parent:  # the parent died before the request took hold
+        os._exit(1)
 
 
 def _index(ipr: IPRoute, ifname: str) -> int:

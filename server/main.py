@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sqlite3
 import sys
 
 import trio
@@ -13,7 +14,7 @@ from ..common import __version__, cli, linux
 from ..common.errors import PytunError
 from . import logformat, nat, state
 from .hub import Hub, StartupError
-from .registry import SqliteRegistry
+from .registry import RegistryError, SqliteRegistry
 
 log = logging.getLogger("pytun")
 PROG = "pytun-server"
@@ -56,6 +57,25 @@ def cleanup(state_dir: str) -> None:
         pass
 
 
+def registry_damage(path: str) -> str | None:
+    """What SQLite's quick check finds wrong with an existing registry, or None. Run before the
+    hub opens it for writing: a damaged registry is refused and left as it is (to restore from
+    a backup, or to repair by hand), never written to."""
+    if not os.path.exists(path):
+        return None  # SqliteRegistry says so
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=5.0)
+        try:
+            rows = db.execute("PRAGMA quick_check(1)").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        return str(exc)
+    found = rows[0][0] if rows else "no answer"
+    return None if found == "ok" else found.replace("*** in database main ***", "").strip() \
+        .splitlines()[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
@@ -81,6 +101,11 @@ def _cleanup(args) -> int:
 def _serve(args) -> int:
     settings = state.load_settings(args.state_dir)
     private_key = state.load_private_key(args.state_dir)
+    damage = registry_damage(state.registry_path(args.state_dir))
+    if damage is not None:
+        raise RegistryError(f"registry {state.registry_path(args.state_dir)} is damaged "
+                            f"({damage}); the hub leaves it as it is: restore a backup "
+                            f"(pytun-admin restore)")
     registry = SqliteRegistry(state.registry_path(args.state_dir), create=False)
     try:
         with cli.unwrapped():  # an error in one of the hub's tasks comes in a group of one
