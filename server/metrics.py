@@ -23,9 +23,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
-import os
 import socket
-import stat
 import threading
 import time
 from socketserver import ThreadingMixIn
@@ -40,7 +38,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from ..common.errors import PytunError
-from ..common import __version__
+from ..common import __version__, files
 from ..common.peer import REJECT_AFTER_TIME
 
 log = logging.getLogger("pytun")
@@ -107,15 +105,11 @@ def parse_listen(text: str) -> tuple[str, int]:
 def read_token(path: str) -> str:
     """The bearer token in `path` (first line). Refuses a file others can read."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        token = files.read_private(path, limit=MAX_TOKEN, encoding="utf-8").strip()
+    except files.ExposedFile as exc:
+        raise MetricsError(str(exc)) from None
     except OSError as exc:
         raise MetricsError(f"cannot read the metrics token file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
-        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
-        if mode & 0o077:
-            raise MetricsError(f"{path} is readable by others (mode {mode:04o});"
-                               f" run chmod 600 {path}")
-        token = f.read(MAX_TOKEN).strip()
     if not token or "\n" in token:
         raise MetricsError(f"the metrics token file {path} must hold one non-empty line")
     return token

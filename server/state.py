@@ -15,14 +15,13 @@ import ipaddress
 import json
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 from ipaddress import (IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface,
                        IPv6Network)
 
 from ..common.errors import PytunError
-from pytun.common import files, keys
-from pytun.common.endpoint import Endpoint
+from ..common import files, keys
+from ..common.endpoint import Endpoint
 
 from . import policy
 from .registry import RegistryError, SqliteRegistry
@@ -268,17 +267,13 @@ def load_private_key(state_dir: str) -> bytes:
     """The hub's private key. Refuses a key file that others could read."""
     path = private_key_path(state_dir)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        text = files.read_private(path)
     except FileNotFoundError:
         raise StateError(f"no hub private key in {state_dir}; run pytun-admin init first") from None
+    except files.ExposedFile as exc:
+        raise StateError(str(exc)) from None
     except OSError as exc:
         raise StateError(f"cannot read {path}: {exc.strerror}") from None
-    with os.fdopen(fd, encoding="ascii", errors="replace") as f:
-        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
-        if mode & 0o077:
-            raise StateError(f"{path} is readable by others (mode {mode:04o}); run chmod 600"
-                             f" {path}")
-        text = f.read()
     try:
         return keys.parse_private(text, "hub private key")
     except keys.BadKey as exc:

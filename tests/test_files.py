@@ -30,3 +30,23 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
     with pytest.raises(OSError):
         files.write_atomic(str(path), "new")
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["key"]
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660, 0o601])
+def test_a_secret_readable_by_group_or_others_is_refused(tmp_path, mode):
+    path = tmp_path / "key"
+    path.write_text("hunter2-content")
+    os.chmod(path, mode)
+    with pytest.raises(files.ExposedFile, match=f"mode {mode:04o}.*chmod 600") as info:
+        files.read_private(str(path))
+    assert info.value.mode == mode and "hunter2" not in str(info.value)
+
+
+def test_a_private_secret_is_read_up_to_its_limit(tmp_path):
+    path = tmp_path / "token"
+    path.write_text("0123456789")
+    os.chmod(path, 0o400)
+    assert files.read_private(str(path)) == "0123456789"
+    assert files.read_private(str(path), limit=4) == "0123"
+    with pytest.raises(FileNotFoundError):
+        files.read_private(str(tmp_path / "missing"))
