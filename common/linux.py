@@ -121,7 +121,7 @@ def run_apart(fn: Callable[..., Any], *args: Any) -> Any:
     pid = os.fork()
     if pid == 0:
         try:
-            _die_with(parent)
+            die_with(parent)
             os.close(r)
             try:
                 result = (True, fn(*args))
@@ -154,10 +154,12 @@ def run_apart(fn: Callable[..., Any], *args: Any) -> Any:
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with(parent: int) -> None:
-    """In a forked child: be killed when the process that forked it dies. A step of a hub that
-    was killed (kill -9, the OOM killer) must not outlive it: it holds the TUN device open, so
-    the restarted hub could not create it, and its firewall changes would race the new ones."""
+def die_with(parent: int) -> None:
+    """In a child (forked, or a helper interpreter the hub started): be killed when `parent`,
+    which started it, dies. A step of a hub that was killed (kill -9, the OOM killer) must not
+    outlive it: it holds the TUN device open, so the restarted hub could not create it, and its
+    firewall changes would race the new ones. (The kernel's signal follows the thread that
+    started the child; the hub's starting thread waits for the child, so it outlives it.)"""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):

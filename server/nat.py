@@ -455,7 +455,8 @@ def apply_apart(plan_dict: dict, previous: dict | None = None) -> None:
         apply_sets(plan_dict["family"], plan_dict["sets"], previous["sets"])
         return
     done = subprocess.run([sys.executable, "-m", "pytun.server.nat", "apply"],
-                          input=json.dumps({"plan": plan_dict, "previous": previous}),
+                          input=json.dumps({"plan": plan_dict, "previous": previous,
+                                            "parent": os.getpid()}),
                           capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines()
@@ -468,6 +469,8 @@ def _main(argv: list[str]) -> int:
         return 2
     try:
         request = json.load(sys.stdin)
+        if "parent" in request:  # a killed hub's change must not race its restart's rules
+            linux.die_with(int(request["parent"]))
         apply(request["plan"], previous=request.get("previous"))
     except (NatError, ValueError, KeyError, TypeError) as exc:
         print(f"firewall: {exc}", file=sys.stderr)

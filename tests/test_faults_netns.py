@@ -204,6 +204,57 @@ def test_a_set_up_step_dies_with_a_killed_hub(topology, tmp_path):
     print(f"\nset-up step {kids} gone {gone_ms:.0f} ms after the hub; the restart is up")
 
 
+def _children_running(pid: int, module: str) -> list[int]:
+    """Children of `pid`, started from any of its threads, whose command line names `module`."""
+    found = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    for task in tasks:
+        try:
+            kids = open(f"/proc/{pid}/task/{task}/children").read().split()
+        except OSError:
+            continue
+        for k in kids:
+            try:
+                if module in open(f"/proc/{k}/cmdline").read():
+                    found.append(int(k))
+            except OSError:
+                pass
+    return found
+
+
+def test_a_live_firewall_change_dies_with_a_killed_hub(topology, tmp_path):
+    """A running hub carries out an access change in a helper interpreter; killed while that
+    helper waits for the xtables lock, the helper dies with it instead of writing its rules
+    later, over what the restarted hub wrote."""
+    require_tools("iptables-legacy-save")
+    hub = Hub(topology, tmp_path)
+    hub.add_peer("alice")
+    hub.start()
+    lock = os.open(nat.XTABLES_LOCK, os.O_RDONLY | os.O_CREAT, 0o600)
+    change = None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        change = hub.ns.popen([PY, "-m", "pytun.server.admin", "--state-dir", hub.state_dir,
+                               "access", "add", "everyone", "hub", "tcp/7100"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        helpers = wait_until(lambda: _children_running(hub.proc.pid, "pytun.server.nat"),
+                             timeout=15, what="the hub's firewall helper waiting for the lock")
+        hub.stop(signal.SIGKILL)
+        wait_until(lambda: not any(map(process_alive, helpers)), timeout=2,
+                   what="the firewall helper to die with the hub")
+    finally:
+        os.close(lock)
+        if change is not None:
+            change.kill()
+            change.wait()
+    hub.start()
+    saved = hub.ns.run("iptables-legacy-save").stdout
+    assert saved.count("--dport 7100") == 1, saved  # the stored rule, written once by the restart
+
+
 # Adds a rule of its own to INPUT, checks it is there, deletes it, checks it is gone; counts
 # what it found missing or left over (a lost update, on either side, shows up here).
 WRITER = r"""
