@@ -41,6 +41,7 @@ import sys
 import warnings
 from typing import Iterator
 
+from ..common import linux
 from ..common.errors import PytunError
 from . import firewall
 
@@ -430,7 +431,6 @@ def teardown(tag: str, family: int) -> None:
 def cleanup(tag: str, state_dir: str) -> None:
     """Undo whatever a crashed hub `tag` left in this namespace, both families; idempotent.
     Each family runs in a process of its own (libxtables holds one family per process)."""
-    from pytun.common import linux
     for family in (4, 6):
         linux.run_apart(_cleanup_family, tag, family, state_dir)
 

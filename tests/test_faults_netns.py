@@ -233,6 +233,8 @@ def test_a_live_firewall_change_dies_with_a_killed_hub(topology, tmp_path):
     hub = Hub(topology, tmp_path)
     hub.add_peer("alice")
     hub.start()
+    hub.admin("access", "add", "everyone", "hub", "tcp/7101")  # the helper's ordinary work
+    assert "7101" in hub.ns.run("iptables-legacy-save").stdout
     lock = os.open(nat.XTABLES_LOCK, os.O_RDONLY | os.O_CREAT, 0o600)
     change = None
     try:
