@@ -321,9 +321,9 @@ def test_a_legacy_iptables_writer_in_a_loop(topology, tmp_path):
 # Device over a UDP socket), removes the PER peers, has the hub sync; ROUNDS times.
 CHURN = r"""
 import ipaddress, json, socket, sys, time
-from pytun.common import keys
+from pytun.common import control, keys
 from pytun.common.device import Device
-from pytun.server import control, state
+from pytun.server import state
 from pytun.server.registry import Peer, SqliteRegistry
 state_dir, hub_host, rounds, per = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 hub_public = keys.parse_public(state.public_key(state_dir))
