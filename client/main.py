@@ -27,7 +27,7 @@ import time
 import trio
 
 from ..common.errors import PytunError
-from ..common import __version__, cli, config, control
+from ..common import __version__, cli, config, control, logformat
 from ..common.cli import human_ago, human_bytes
 from . import enroll as enroll_command
 from . import routes, runtime, tunnel
@@ -393,29 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Formatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        level = {logging.WARNING: "warning: ", logging.ERROR: "error: ",
-                 logging.CRITICAL: "error: "}.get(record.levelno, "")
-        return f"{PROG}: {level}{record.getMessage()}"
-
-
-def _setup_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter())
-    root = logging.getLogger("pytun")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    root.propagate = False
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else 2
-    _setup_logging(args.verbose)
+    logformat.setup(PROG, verbose=args.verbose)
     return cli.run(PROG, args.fn, args)
 
 

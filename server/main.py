@@ -10,9 +10,9 @@ import sys
 
 import trio
 
-from ..common import __version__, cli, linux
+from ..common import __version__, cli, linux, logformat
 from ..common.errors import PytunError
-from . import logformat, nat, state
+from . import nat, state
 from .hub import Hub, StartupError
 from .registry import RegistryError, SqliteRegistry
 
@@ -81,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else 2
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logformat.formatter(args.log_format, "pytun-server"))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        handlers=[handler])
+    logformat.setup(PROG, verbose=args.verbose, kind=args.log_format)
     args.state_dir = state.resolve_state_dir(args.state_dir)
     return cli.run(PROG, _cleanup if args.cleanup else _serve, args)
 

@@ -6,7 +6,8 @@
   pass without a new one), or the peer was removed, disabled or reconfigured.
 
 Each line carries the peer's name, endpoint, the bytes each way during the session and its
-duration, as `extra` fields that the json and logfmt formats print (logformat.py); never a key.
+duration, as `extra` fields that the json and logfmt formats print (common/logformat.py);
+never a key.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 
-from pytun.server import logformat
+from pytun.common import logformat
 from pytun.server.sessions import SessionLog
 from pytun.common.peer import Event
 
@@ -127,3 +127,28 @@ def test_a_laptop_hopping_ports_gets_one_endpoint_line_per_ten_seconds(caplog):
     assert [m["moves"] for m in moved] == [1, 161, 321]  # the first, then every 10 s
     log.close()
     assert _fields(caplog)[-1]["endpoint_changes"] == 480
+
+
+def test_one_logging_set_up_for_every_command(capsys):
+    """pytun-server and pytun-client log through the same set-up: `prog: ` before every line,
+    the level's word before warnings and errors, debug lines only when verbose, and a second
+    set-up replaces the first instead of doubling every line."""
+    log = logging.getLogger("pytun.test")
+    try:
+        logformat.setup("pytun-server")
+        logformat.setup("pytun-client")
+        log.debug("hidden")
+        log.info("up")
+        log.warning("slow")
+        log.error("broken")
+        assert capsys.readouterr().err.splitlines() == [
+            "pytun-client: up", "pytun-client: warning: slow", "pytun-client: error: broken"]
+        logformat.setup("pytun-server", verbose=True, kind="json")
+        log.debug("shown")
+        line = json.loads(capsys.readouterr().err)
+        assert line["level"] == "debug" and line["msg"] == "shown"
+    finally:
+        root = logging.getLogger("pytun")
+        root.handlers[:] = []
+        root.propagate = True
+        root.setLevel(logging.NOTSET)
