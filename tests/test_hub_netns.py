@@ -168,21 +168,32 @@ def test_roaming_mid_transfer_moves_the_endpoint(net):
     old = [a["local"] for a in ns.ip_json("addr show dev", dev)[0]["addr_info"]][0]
     new = old.rsplit(".", 1)[0] + "." + str(int(old.rsplit(".", 1)[1]) + 1)
     hub_side = old.rsplit(".", 1)[0] + "." + str(int(old.rsplit(".", 1)[1]) - 1)
+    routes_before = ns.run("ip", "route").stdout
     # Deleting the primary address must leave the new (secondary) one in place.
     ns.run("sysctl", "-qw", f"net.ipv4.conf.{dev}.promote_secondaries=1")
-    rx_before = hub.show()["alice"]["rx_bytes"]
-    pinger = ns.popen(["ping", "-n", "-q", "-i", "0.05", "-c", "120", HUB_INNER],
-                      stdout=__import__("subprocess").PIPE, text=True)
-    wait_until(lambda: hub.show()["alice"]["rx_bytes"] > rx_before + 10 * 84, timeout=5,
-               what="pings to flow before the move")
-    ns.run("ip", "addr", "add", f"{new}/28", "dev", dev)
-    ns.run("ip", "addr", "del", f"{old}/28", "dev", dev)
-    ns.run("ip", "route", "replace", "192.0.2.1/32", "via", hub_side, "src", new)
-    out, _ = pinger.communicate(timeout=30)
-    received = int(out.split(" received")[0].rsplit(" ", 1)[1])
-    assert received >= 100, out  # at most a few lost around the move
-    assert wait_until(lambda: hub.show()["alice"]["endpoint"].startswith(new + ":"), timeout=5,
-                      what="show to report the new endpoint")
+    try:
+        rx_before = hub.show()["alice"]["rx_bytes"]
+        pinger = ns.popen(["ping", "-n", "-q", "-i", "0.05", "-c", "120", HUB_INNER],
+                          stdout=__import__("subprocess").PIPE, text=True)
+        wait_until(lambda: hub.show()["alice"]["rx_bytes"] > rx_before + 10 * 84, timeout=5,
+                   what="pings to flow before the move")
+        ns.run("ip", "addr", "add", f"{new}/28", "dev", dev)
+        ns.run("ip", "addr", "del", f"{old}/28", "dev", dev)
+        ns.run("ip", "route", "replace", "192.0.2.1/32", "via", hub_side, "src", new)
+        out, _ = pinger.communicate(timeout=30)
+        received = int(out.split(" received")[0].rsplit(" ", 1)[1])
+        assert received >= 100, out  # at most a few lost around the move
+        assert wait_until(lambda: hub.show()["alice"]["endpoint"].startswith(new + ":"),
+                          timeout=5, what="show to report the new endpoint")
+    finally:  # the laptop goes back where it was, for the module's later tests
+        ns.run("ip", "addr", "add", f"{old}/28", "dev", dev, check=False)
+        ns.run("ip", "addr", "del", f"{new}/28", "dev", dev, check=False)
+        ns.run("ip", "route", "replace", "192.0.2.1/32", "via", hub_side, "dev", dev, check=False)
+        ns.run("sysctl", "-qw", f"net.ipv4.conf.{dev}.promote_secondaries=0")
+    assert ns.run("ip", "route").stdout == routes_before
+    assert wait_until(lambda: ping(ns, HUB_INNER, timeout=0.5)
+                      and hub.show()["alice"]["endpoint"].startswith(old + ":"),
+                      timeout=15, what="the hub to follow alice back")
 
 
 def test_add_and_remove_peer_on_a_running_hub(net):
