@@ -356,6 +356,19 @@ def _to_rule(row) -> Rule:
                 expires, comment, id=rule_id)
 
 
+def _sqlite_error(path: str, exc: sqlite3.Error) -> str:
+    """SQLite's words for `exc`, plus the likely cause where they hide it: a change that needs a
+    new journal file on a full file system fails as "disk I/O error"."""
+    text = str(exc)
+    if "disk I/O error" in text:
+        try:
+            if os.statvfs(os.path.dirname(os.path.abspath(path))).f_bavail == 0:
+                return f"{text} (the file system holding it is full)"
+        except OSError:
+            pass
+    return text
+
+
 class SqliteRegistry(Registry):
     def __init__(self, path: str, *, create: bool = True):
         self.path = path
@@ -374,12 +387,12 @@ class SqliteRegistry(Registry):
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                                        timeout=5.0)
         except sqlite3.Error as exc:
-            raise RegistryError(f"cannot open {path}: {exc}") from None
+            raise RegistryError(f"cannot open {path}: {_sqlite_error(path, exc)}") from None
         try:
             self._setup()
         except sqlite3.Error as exc:
             self._db.close()
-            raise RegistryError(f"cannot use {path}: {exc}") from None
+            raise RegistryError(f"cannot use {path}: {_sqlite_error(path, exc)}") from None
         except RegistryError:
             self._db.close()
             raise
@@ -426,7 +439,8 @@ class SqliteRegistry(Registry):
             except sqlite3.IntegrityError as exc:
                 raise RegistryError(f"registry refused the change: {exc}") from None
             except sqlite3.Error as exc:
-                raise RegistryError(f"registry {self.path}: {exc}") from None
+                raise RegistryError(
+                    f"registry {self.path}: {_sqlite_error(self.path, exc)}") from None
             self._commits += peer_set_changed
             return result
 
@@ -435,7 +449,8 @@ class SqliteRegistry(Registry):
             try:
                 return self._db.execute(sql, args).fetchall()
             except sqlite3.Error as exc:
-                raise RegistryError(f"registry {self.path}: {exc}") from None
+                raise RegistryError(
+                    f"registry {self.path}: {_sqlite_error(self.path, exc)}") from None
 
     def add(self, peer: Peer, *, subnet=None, reserved=frozenset(), subnet6=None,
             also=None) -> None:

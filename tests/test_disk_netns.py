@@ -127,6 +127,18 @@ def _full_and_read_only(hub, tmp_path, state_dir, alice_config: str, holder: int
     hub.add_peer("bob")
     assert "bob" in hub.show()
     assert "Traceback" not in hub.log()
+    # No hub running: a change on a full disk fails with a line that says the disk is full
+    # (SQLite itself says only "disk I/O error" when it cannot create its journal).
+    hub.stop()
+    before = content()
+    hub.ns.run("sh", "-c", f"dd if=/dev/zero of={state_dir}/../fill bs=64k 2>/dev/null; true")
+    done = hub.admin("add-peer", "carol", check=False)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(err) == 1, done.stderr
+    assert "is full" in err[0].rsplit(": ", 1)[-1], err  # not only in the path
+    hub.ns.run("rm", f"{state_dir}/../fill")
+    assert content() == before
+    print(f"no hub, full disk: {err[0]}")
 
 
 def _damage(path, how: str, rng: random.Random) -> None:
