@@ -156,11 +156,14 @@ class RateLimiter:
         return False
 
     def collect(self, now: float) -> None:
-        """Forget sources idle for over a second (their buckets are full again)."""
+        """Forget sources idle for over a second whose buckets are full again (a source that
+        was made to wait, with tokens below zero, is kept until then)."""
         if now - self._last_gc < 1.0:
             return
         self._last_gc = now
-        stale = [k for k, (_, t) in self._buckets.items() if now - t >= 1.0]
+        rate, burst = self.PACKETS_PER_SECOND, self.BURST
+        stale = [k for k, (tokens, t) in self._buckets.items()
+                 if now - t >= 1.0 and tokens + (now - t) * rate >= burst]
         for k in stale:
             del self._buckets[k]
 

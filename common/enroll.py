@@ -325,17 +325,6 @@ class EnrollLimiter(RateLimiter):
         bucket[0] = min(tokens, 0.0) - self.WRONG_INVITE_WAIT * self.PACKETS_PER_SECOND
         bucket[1] = now
 
-    def collect(self, now: float) -> None:
-        """Forget sources whose bucket is full again (a waiting source is kept)."""
-        if now - self._last_gc < 1.0:
-            return
-        self._last_gc = now
-        rate, burst = self.PACKETS_PER_SECOND, self.BURST
-        stale = [k for k, (tokens, t) in self._buckets.items()
-                 if tokens + (now - t) * rate >= burst]
-        for k in stale:
-            del self._buckets[k]
-
 
 class Gate:
     """The hub's checks before any X25519, cheapest first: mac1, then the source's rate."""
