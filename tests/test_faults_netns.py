@@ -84,7 +84,16 @@ def test_kill_9_at_random_moments(topology, tmp_path):
         wait_until(lambda: ping(ns, HUB_INNER, timeout=1), timeout=15, what="a laptop to connect")
     # The write-behind stores each laptop's first handshake at once: the restarted hub calls
     # them back from there.
-    time.sleep(1.5)
+
+    def stored() -> bool:
+        db = sqlite3.connect(state.registry_path(hub.state_dir), timeout=10)
+        try:
+            return db.execute("SELECT count(*) FROM peers WHERE endpoint IS NOT NULL AND"
+                              " last_handshake IS NOT NULL").fetchone()[0] == len(laptops)
+        finally:
+            db.close()
+
+    wait_until(stored, timeout=10, what="every laptop's endpoint and handshake to be stored")
     report = []
 
     def mid_traffic():

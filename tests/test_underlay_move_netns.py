@@ -80,11 +80,13 @@ def test_moving_between_ipv4_and_ipv6_underlays_mid_transfer(topology, tmp_path)
     server = hub.ns.popen(["python3", "-u", "-c", RECV_SHA, HUB_INNER, "5001"],
                           stdout=subprocess.PIPE, text=True)
     assert server.stdout.readline().strip() == "listening"
+    rx_start = hub.show()["mover"]["rx_bytes"]
     sender = lap.popen(["python3", "-u", "-c", PACED_SEND, HUB_INNER, "5001", str(SIZE),
                         str(PACE)], stdout=subprocess.PIPE, text=True)
     assert sender.stdout.readline().strip() == "connected"
-    time.sleep(1.0)  # a second into the transfer
-    rx_before = hub.show()["mover"]["rx_bytes"]
+    rx_before = wait_until(  # about a second into the transfer
+        lambda: (rx := hub.show()["mover"]["rx_bytes"]) > rx_start + SIZE // 8 and rx,
+        timeout=10, what="the transfer to be under way over IPv4")
     t6 = move(f"[{HUB6}]:51820", f"{HUB_ENDPOINT}/32", None)
     ep6 = wait_until(lambda: (ep := hub.show()["mover"]["endpoint"]).startswith("[2001:db8:1::2]")
                      and ep, timeout=5, what="the hub to follow the laptop to IPv6")
