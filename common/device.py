@@ -74,7 +74,7 @@ class Device(Timers):
         self.drops: Counter[str] = Counter()
         # Datagrams of a type WireGuard does not use go to other_handler(data, src, now) when
         # one is set (the hub's enrollment, server/invites.py); True means it took the datagram.
-        self.other_handler = None
+        self.other_handler: Callable[[Packet, Endpoint, float], bool] | None = None
         self._handshake_window_start = 0.0
         self._handshake_count = 0
         self._under_load_until = -1.0
