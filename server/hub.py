@@ -247,7 +247,7 @@ class Hub:
 
     # -- events and control ---------------------------------------------------------------------
 
-    def on_event(self, kind: str, peer, detail) -> None:
+    def on_event(self, kind: Event, peer, detail) -> None:
         """In the trio thread, for the latest event of each kind per peer (see Driver)."""
         entry = self.peers.get(peer.name)
         if entry is None or entry[1] is not peer:
