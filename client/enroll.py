@@ -21,7 +21,7 @@ import sys
 import time
 
 from ..common.errors import PytunError
-from ..common import config, enroll, keys
+from ..common import config, enroll, files, keys
 
 DEFAULT_TIMEOUT = 15.0
 RETRY_AFTER = (1.0, 2.0, 3.0, 4.0)  # seconds between sends; the last one repeats
@@ -50,7 +50,7 @@ def _reserve(path: str, force: bool) -> bool:
             raise EnrollError(f"cannot write in {directory}")
         return False
     try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        files.create_private(path)
     except FileExistsError:
         raise EnrollError(f"{path} exists; give another -o FILE, or --force to replace it") \
             from None

@@ -33,6 +33,12 @@ def write_atomic(path: str, data: str | bytes, *, mode: int = 0o600) -> None:
         raise
 
 
+def create_private(path: str) -> None:
+    """Create `path` empty, mode 0600, failing if it exists (FileExistsError, else OSError):
+    the claim on a name that will hold a secret, taken before the secret is made."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 class ExposedFile(Exception):
     """A secret's file that group or others may read; the message says how to fix it."""
 

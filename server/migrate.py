@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..common.errors import PytunError
-from pytun.common import config, keys
+from ..common import config, files, keys
 
 from . import policy, state
 from .registry import Peer, RegistryError, SqliteRegistry, check_name
@@ -49,10 +49,9 @@ def backup(state_dir: str, path: str) -> int:
     settings_text = _read(state.settings_path(state_dir))
     private = state.load_private_key(state_dir)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        files.create_private(path)
     except OSError as exc:
         raise MigrateError(f"cannot create {path}: {exc.strerror}") from None
-    os.close(fd)
     try:
         src = sqlite3.connect(f"file:{state.registry_path(state_dir)}?mode=ro", uri=True,
                               timeout=10)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 
 from ..common.errors import PytunError
-from pytun.common import keys
+from ..common import files, keys
 
 from . import policy
 from .policy import PolicyError, Rule
@@ -376,7 +376,7 @@ class SqliteRegistry(Registry):
             if not create:
                 raise RegistryError(f"registry {path} does not exist")
             try:
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                files.create_private(path)
             except FileExistsError:
                 pass
             except OSError as exc:

@@ -50,3 +50,17 @@ def test_a_private_secret_is_read_up_to_its_limit(tmp_path):
     assert files.read_private(str(path), limit=4) == "0123"
     with pytest.raises(FileNotFoundError):
         files.read_private(str(tmp_path / "missing"))
+
+
+def test_a_claim_on_a_secret_name_is_private_and_exclusive(tmp_path):
+    path = tmp_path / "peer.conf"
+    old_umask = os.umask(0)
+    try:
+        files.create_private(str(path))
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_bytes() == b""
+    path.write_text("kept")
+    with pytest.raises(FileExistsError):
+        files.create_private(str(path))
+    assert path.read_text() == "kept"
