@@ -24,8 +24,7 @@ import time
 
 from pytun.common import config as wgconfig
 from pytun.common import keys
-from pytun.common import control
-from tests.hubnet import OurLaptop, WgGoLaptop, write_config
+from tests.hubnet import HubProcess, OurLaptop, WgGoLaptop, start_wireguard_go, write_config
 from tests.netns import Netns, Topology, ping, unique, wait_until
 
 HUB_UNDERLAY, LAPTOP_UNDERLAY = "192.0.2.1", "192.0.2.2"
@@ -53,16 +52,6 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise BenchError(f"no VmRSS for process {pid}")
-
-
-def start_wireguard_go(ns: Netns, prefix: str) -> tuple[str, subprocess.Popen]:
-    """wireguard-go in the foreground (so it stops by PID) on a fresh, unique interface."""
-    ifname = unique(prefix)
-    proc = ns.popen(["wireguard-go", "-f", ifname], stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL, env={**os.environ, "LOG_LEVEL": "error"})
-    wait_until(lambda: os.path.exists(f"/run/wireguard/{ifname}.sock"), timeout=10,
-               what=f"wireguard-go's UAPI socket for {ifname}")
-    return ifname, proc
 
 
 def laptop_config(private: bytes, address: str, hub_public: bytes) -> str:
@@ -102,74 +91,28 @@ class WgGoHub:
         return laptop_config(private, address, self.public)
 
 
-class PytunHub:
-    """pytun-server, set up with pytun-admin init and add-peer as an operator would."""
+class PytunHub(HubProcess):
+    """pytun-server, set up with pytun-admin init and add-peer as an operator would (the
+    tests' hub helper, on this rig's single veth)."""
 
     name = "pytun"
 
     def __init__(self, ns: Netns, tmp, *, subnet: str = SUBNET, port: int = PORT,
                  start: bool = True):
-        self.ns, self.tmp = ns, tmp
-        self.ifname = unique("bph")
-        self.state_dir = str(tmp / f"{self.ifname}-state")
-        self.log_path = tmp / f"{self.ifname}.log"
-        self.proc: subprocess.Popen | None = None
-        self.admin("init", "--subnet", subnet, "--endpoint", f"{HUB_UNDERLAY}:{port}",
-                   "--listen-port", port, "--interface", self.ifname)
+        ifname = unique("bph")
+        super().__init__(ns, tmp, name=ifname, ifname=ifname, init_args=(
+            "--subnet", subnet, "--endpoint", f"{HUB_UNDERLAY}:{port}", "--listen-port", port))
         # The hub drops what no access rule allows: open iperf3's port on the hub itself.
         for service in ("tcp/5201", "udp/5201"):
             self.admin("access", "add", "everyone", "hub", service, "--comment", "iperf3")
         if start:
             self.start()
 
-    def admin(self, *args) -> subprocess.CompletedProcess:
-        return self.ns.run([PY, "-m", "pytun.server.admin", "--state-dir", self.state_dir,
-                            *map(str, args)], timeout=60)
-
-    @property
-    def registry_path(self) -> str:
-        return os.path.join(self.state_dir, "registry.db")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
     def start(self, timeout: float = 60.0) -> float:
-        """Start pytun-server; returns the seconds until its control socket answered."""
-        t0 = time.monotonic()
-        with open(self.log_path, "a") as log:
-            self.proc = self.ns.popen([PY, "-m", "pytun.server.main", "--state-dir",
-                                       self.state_dir], stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self._answers, timeout=timeout, interval=0.02,
-                   what=f"pytun-server to answer (log: {self.log_path})")
-        return time.monotonic() - t0
-
-    def _answers(self) -> bool:
-        if self.proc.poll() is not None:
-            raise BenchError(f"pytun-server exited {self.proc.returncode}:\n"
-                             f"{self.log_path.read_text()[-2000:]}")
         try:
-            control.request(os.path.join(self.state_dir, "control.sock"), [("stats", "1")],
-                            timeout=5)
-        except control.ControlError:
-            return False
-        return True
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.ns.procs.remove(self.proc)
-        self.proc = None
-
-    def add_peer(self, name: str) -> str:
-        """`pytun-admin add-peer NAME`: registers the laptop, tells the hub, prints its config."""
-        return self.admin("add-peer", name).stdout
+            return super().start(timeout)
+        except AssertionError as exc:
+            raise BenchError(str(exc)) from None
 
 
 class Leg:

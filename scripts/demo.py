@@ -43,37 +43,11 @@ sys.path.insert(0, str(REPO))
 
 from tests import netns as nn  # noqa: E402  (the namespace helpers the test suite uses)
 from tests.hubnet import (HUB_ENDPOINT, HUB_INET, HUB_INNER, INET_HOST, Hub,  # noqa: E402
-                          OurLaptop, WgGoLaptop)
+                          OurLaptop, WgGoLaptop, source_seen, start_whoami)
 
 DEADLINE = 45.0  # seconds for the whole set-up and checks; teardown has its own bounds
 INTERNET = "203.0.113.0/24"
 WHOAMI_PORT = 9999
-
-# Runs in the internet namespace: answers every datagram with the source address it saw.
-WHOAMI_SERVER = r"""
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], int(sys.argv[2])))
-print("listening", flush=True)
-while True:
-    data, addr = s.recvfrom(100)
-    s.sendto(addr[0].encode(), addr)
-"""
-
-# Runs on a laptop: asks the internet host which source address it sees.
-WHOAMI_CLIENT = r"""
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(1.0)
-for _ in range(5):
-    s.sendto(b"who am i", (sys.argv[1], int(sys.argv[2])))
-    try:
-        print(s.recv(100).decode())
-        break
-    except socket.timeout:
-        pass
-"""
-
 
 class Interrupted(BaseException):
     """Ctrl-C, SIGTERM or the deadline: stop checking, tear down."""
@@ -153,8 +127,7 @@ def reach(hub: Hub, ns, address: str) -> None:
 
 def reach_internet(hub: Hub, ns) -> str:
     reach(hub, ns, INET_HOST)
-    done = ns.run([sys.executable, "-c", WHOAMI_CLIENT, INET_HOST, str(WHOAMI_PORT)], timeout=10)
-    seen = done.stdout.strip()
+    seen = source_seen(ns, INET_HOST, WHOAMI_PORT)
     if seen != HUB_INET:
         raise AssertionError(f"the internet host saw source {seen or 'nothing'}, not the hub's "
                              f"{HUB_INET}")
@@ -178,10 +151,7 @@ def demo(checks: Checks, topo: nn.Topology, tmp: pathlib.Path) -> None:
             print(_tail(hub.log_path), flush=True)
         return
 
-    server = hub.inet.popen([sys.executable, "-u", "-c", WHOAMI_SERVER, INET_HOST,
-                             str(WHOAMI_PORT)], stdout=subprocess.PIPE, text=True)
-    if server.stdout.readline().strip() != "listening":
-        raise RuntimeError("the UDP echo in the internet namespace did not start")
+    start_whoami(hub.inet, INET_HOST, WHOAMI_PORT)  # stopped with the namespace
 
     plans = (("alice", "pytun-client, split tunnel", ()),
              ("bob", "pytun-client, full tunnel", ("--full-tunnel",)),

@@ -18,15 +18,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
 import pytest
 
 from pytun.common import config as wgconfig
-from tests.badnet import IO_ERRORS
+from tests.badnet import io_errors
 from tests.conftest import require_tools
-from tests.hubnet import UDP_SOURCE_SERVER
+from tests.hubnet import HubProcess, WgGoLaptop, who_am_i
 from tests.netns import ping, topology, unique, wait_until
 
 __all__ = ["topology"]  # the fixture
@@ -40,14 +41,6 @@ HUB_INET = "203.0.113.1"
 OFFICE = "203.0.113.130"
 HUB6 = "2001:db8:3::2"  # the hub's underlay IPv6 address, with a narrow hop only
 LAPTOP = "198.51.100.2"
-
-UDP_PROBE = r"""
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(10)
-s.sendto(b"probe", (sys.argv[1], int(sys.argv[2])))
-print(s.recv(100).decode())
-"""
 
 FAKE_RESOLVCONF = """#!/bin/sh
 { echo "resolvconf $*"; if [ "$1" = "-a" ]; then cat; fi; } >> "$RESOLVCONF_LOG"
@@ -102,36 +95,16 @@ class Net:
         # Let IPv6 link-local addresses settle, so route dumps taken later compare equal.
         wait_until(lambda: not self.lap.run("ip -6 addr show tentative").stdout.strip(),
                    what="IPv6 duplicate address detection in the laptop")
-        self.state = str(tmp_path / "hub-state")
-        self.hub_log = tmp_path / "hub.log"
-        self.hub_proc: subprocess.Popen | None = None
-        self.admin("init", "--subnet", "10.77.0.0/24", "--endpoint", f"{HUB}:51820",
-                   "--route", "203.0.113.128/25", "--dns", HUB_INNER,
-                   "--interface", unique("pt"))
+        self.server = HubProcess(self.hub, tmp_path, init_args=(
+            "--subnet", "10.77.0.0/24", "--endpoint", f"{HUB}:51820",
+            "--route", "203.0.113.128/25", "--dns", HUB_INNER))
         # Default deny: the tests' TCP servers on the hub (iperf3, the transfers) need rules.
         self.admin("access", "add", "everyone", "hub", "tcp/5211")
         self.admin("access", "add", "everyone", "hub", "tcp/5213")
-        self.start_hub()
+        self.server.start()
 
     def admin(self, *args) -> subprocess.CompletedProcess:
-        return self.hub.run([PY, "-m", "pytun.server.admin", "--state-dir", self.state, *args])
-
-    def start_hub(self) -> None:
-        with open(self.hub_log, "a") as log:
-            self.hub_proc = self.hub.popen([PY, "-m", "pytun.server.main", "--state-dir",
-                                            self.state], stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self.hub_answers, timeout=15, what=f"the hub (log: {self.hub_log})")
-
-    def hub_answers(self) -> bool:
-        if self.hub_proc.poll() is not None:
-            raise AssertionError(f"the hub exited:\n{self.hub_log.read_text()}")
-        done = self.hub.run([PY, "-m", "pytun.server.admin", "--state-dir", self.state, "show",
-                             "--json"], check=False)
-        return done.returncode == 0 and "not running" not in done.stderr
-
-    def kill_hub(self) -> None:
-        self.hub_proc.kill()
-        self.hub_proc.wait(10)
+        return self.server.admin(*args)
 
     def show(self) -> dict:
         return {row["name"]: row for row in json.loads(self.admin("show", "--json").stdout)}
@@ -144,14 +117,7 @@ class Net:
 
     def source_seen_by_inet(self, port: int = 9999) -> str:
         """The source address the inet host sees for a UDP probe from the laptop."""
-        server = self.inet.popen([PY, "-u", "-c", UDP_SOURCE_SERVER, INET, str(port)],
-                                 stdout=subprocess.PIPE, text=True)
-        assert server.stdout.readline().strip() == "listening"
-        assert self.lap.run([PY, "-c", UDP_PROBE, INET, str(port)], timeout=20).stdout.strip() \
-            == "probe"
-        seen = server.stdout.readline().strip()
-        server.wait(10)
-        return seen
+        return who_am_i(self.lap, self.inet, INET, port)
 
 
 class Client:
@@ -229,9 +195,8 @@ def _net(topology, tmp_path, **kw):
     require_tools("ping", "nft", "iptables-legacy-save")
     n = Net(topology, tmp_path, **kw)
     yield n
-    if n.hub_proc is not None and n.hub_proc.poll() is None:
-        n.hub_proc.terminate()
-        n.hub_proc.wait(10)
+    if n.server.proc is not None and n.server.proc.poll() is None:
+        n.server.stop()
 
 
 @pytest.fixture
@@ -376,12 +341,12 @@ def test_idle_laptop_is_back_within_20s_after_the_hub_restarts(net):
     client = Client(net, net.add_peer("dave"))  # PersistentKeepalive 25
     client.up()
     assert ping(net.lap, HUB_INNER)
-    net.kill_hub()
-    earlier_log = len(net.hub_log.read_text())
-    net.start_hub()
+    net.server.stop(signal.SIGKILL)
+    earlier_log = len(net.server.log())
+    net.server.start()
     # No traffic from the laptop: the handshake must come without it. The restarted hub logs
     # each handshake it completes, so this one is with the new hub process.
-    wait_until(lambda: "handshake with peer dave " in net.hub_log.read_text()[earlier_log:],
+    wait_until(lambda: "handshake with peer dave " in net.server.log()[earlier_log:],
                timeout=20, what="a handshake with the restarted hub")
     assert ping(net.lap, HUB_INNER)
     client.down()
@@ -410,7 +375,7 @@ def test_underlay_address_change_during_a_transfer(net):
     assert server.wait(10) == 0
     wait_until(lambda: net.show()["erin"]["endpoint"].startswith(new + ":"), timeout=5,
                what="the hub to follow the laptop to its new address")
-    errors = hub_io_errors(net)
+    errors = io_errors(net.server)
     assert errors == dict.fromkeys(errors, 0), errors
     client.down()
 
@@ -418,21 +383,7 @@ def test_underlay_address_change_during_a_transfer(net):
 def test_same_config_works_with_stock_wireguard_go(net):
     require_tools("wireguard-go", "wg")
     path = net.add_peer("frank")
-    text = open(path).read()
-    ifname = unique("wg")  # /run/wireguard/IFACE.sock is shared by every namespace
-    stripped = net.tmp / f"{ifname}-setconf"
-    stripped.write_text(wgconfig.strip(text))
-    net.lap.popen(["wireguard-go", "-f", ifname], stdout=subprocess.DEVNULL,
-                  stderr=subprocess.DEVNULL, env={**os.environ, "LOG_LEVEL": "error"})
-    wait_until(lambda: os.path.exists(f"/run/wireguard/{ifname}.sock"), timeout=10,
-               what="wireguard-go's UAPI socket")
-    cfg = wgconfig.parse(text)
-    net.lap.run("wg", "setconf", ifname, str(stripped))
-    for address in cfg.interface.addresses:
-        net.lap.run("ip", "addr", "add", str(address), "dev", ifname)
-    net.lap.run("ip", "link", "set", ifname, "mtu", "1420", "up")
-    for network in cfg.peers[0].allowed_ips:
-        net.lap.run("ip", "route", "add", str(network), "dev", ifname)
+    WgGoLaptop(net.lap, net.tmp, open(path).read())  # the routes of its AllowedIPs
     assert wait_until(lambda: ping(net.lap, HUB_INNER, timeout=1), timeout=10,
                       what="wireguard-go to reach the hub")
     assert ping(net.lap, OFFICE)
@@ -713,7 +664,7 @@ def test_path_mtu_through_a_1300_byte_hop(narrow_net, underlay):
     for direction in ("to-hub", "from-hub"):
         sent, received = tcp_transfer(net, 8 << 20, to_hub=direction == "to-hub")
         assert received == sent, direction
-    errors = hub_io_errors(net)
+    errors = io_errors(net.server)
     assert errors == dict.fromkeys(errors, 0), errors
     # The datagrams were cut for the hop somewhere on the path (by a sender or a router).
     counter = "IpFragCreates" if underlay == "ipv4" else "Ip6FragCreates"
@@ -751,20 +702,6 @@ else:
     print(total, digest.hexdigest())
 conn.close()
 """
-
-STATS = """
-import json, sys
-from pytun.common import control
-print(json.dumps(control.request(sys.argv[1], [("stats", "1")])))
-"""
-
-
-def hub_io_errors(net) -> dict[str, int]:
-    """The hub's I/O error counters (beside its drop counters in `stats`)."""
-    pairs = json.loads(net.hub.run([PY, "-c", STATS, net.state + "/control.sock"]).stdout)
-    drops = {k[5:]: int(v) for k, v in pairs if k.startswith("drop_")}
-    return {k: drops.get(k, 0) for k in IO_ERRORS}
-
 
 def tcp_transfer(net, size: int, *, to_hub: bool, port: int = 5213) -> tuple[str, str]:
     """`size` bytes over TCP between the laptop and the hub's inner address; (what the sender

@@ -1,13 +1,12 @@
 """wg-quick config files: parse, render, strip, and one clear error (with its line) per mistake."""
 
 import ipaddress
-import os
-import subprocess
 
 import pytest
 
 from .conftest import require_tools
-from .netns import topology, unique, wait_until  # noqa: F401 (fixture)
+from .hubnet import start_wireguard_go
+from .netns import topology  # noqa: F401 (fixture)
 
 from pytun.common import config, keys
 from pytun.common.config import ConfigError
@@ -195,9 +194,7 @@ def test_stock_wg_setconf_accepts_strip(tmp_path, topology):
     """The stripped form is what the real `wg setconf` reads: wireguard-go in a namespace."""
     require_tools("wg", "wireguard-go")
     ns = topology.netns("cfg")
-    name = unique("wg")
-    ns.popen(["wireguard-go", "-f", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until(lambda: os.path.exists(f"/run/wireguard/{name}.sock"), what="wireguard-go")
+    name, _ = start_wireguard_go(ns)
     p = tmp_path / "wg.conf"
     # A host name would make wg resolve it, and this machine has no resolver to ask.
     p.write_text(config.strip(FULL).replace("vpn.example.com", "192.0.2.7"))

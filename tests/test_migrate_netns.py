@@ -13,7 +13,6 @@ addresses, and the three laptops, untouched, are back: the hub calls them.
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
@@ -21,8 +20,8 @@ import pytest
 from pytun.common import keys
 
 from .conftest import require_tools
-from .hubnet import HUB_ENDPOINT, HUB_INNER, PY, Hub, WgGoLaptop, write_config
-from .netns import Topology, ping, unique, wait_until
+from .hubnet import HUB_ENDPOINT, HUB_INNER, PY, Hub, WgGoLaptop, start_wireguard_go, write_config
+from .netns import Topology, ping, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -46,11 +45,7 @@ def test_pytun_takes_over_a_wireguard_server_and_its_laptops_come_back(tmp_path,
         conf = write_config(tmp_path, "wg0", wg0)
 
         # The WireGuard server, as wg-quick would bring it up.
-        ifname = unique("wgh")
-        server = hub.ns.popen(["wireguard-go", "-f", ifname], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-        wait_until(lambda: hub.ns.run("wg", "show", ifname, check=False).returncode == 0,
-                   what="the WireGuard server's interface")
+        ifname, server = start_wireguard_go(hub.ns, "wgh")
         stripped = "\n".join(line for line in wg0.splitlines()
                              if not line.startswith(("Address", "PostUp")))
         hub.ns.run("wg", "setconf", ifname, write_config(tmp_path, "wg0-stripped", stripped))
