@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from typing import Any, Callable, Iterable
 
-from . import noise, wire
+from . import noise, steering, wire
 from .allowedips import AllowedIPs
 from .cookie import CookieChecker, RateLimiter, source_bytes
 from .crypto import DH_pubkey, CryptoFailure, clamp
@@ -53,7 +53,7 @@ class Device(Timers):
     def __init__(self, private_key: bytes, *, rng: Callable[[int], bytes] = os.urandom,
                  wallclock: Callable[[], float] = time.time,
                  mtu: int = 1420, allow_peer_to_peer: bool = True,
-                 under_load_threshold: int = 1000):
+                 under_load_threshold: int = 1000, worker: tuple[int, int] = (0, 1)):
         self.private_key = clamp(private_key)
         self.public_key = DH_pubkey(self.private_key)
         self.rng = rng
@@ -61,6 +61,9 @@ class Device(Timers):
         self.mtu = mtu
         self.allow_peer_to_peer = allow_peer_to_peer
         self.under_load_threshold = under_load_threshold
+        # (this worker, all workers): the receiver indexes it hands out name it (steering.py)
+        steering.index_for_worker(0, *worker)  # refuses a worker outside 0..n-1
+        self.worker = worker
         self.peers: dict[bytes, Peer] = {}
         self.allowed_ips = AllowedIPs()
         self.keypairs: dict[int, Keypair] = {}  # by our receiver index
@@ -113,6 +116,8 @@ class Device(Timers):
     def _new_index(self) -> int:
         while True:
             index = int.from_bytes(self.rng(4), "little")
+            if self.worker[1] > 1:
+                index = steering.index_for_worker(index, *self.worker)
             if index not in self.keypairs and index not in self.handshakes:
                 return index
 
