@@ -236,3 +236,12 @@ def test_a_hub_picks_up_a_peer_added_elsewhere_within_a_second(tmp_path, pg_url)
         assert added == ["bob"] and "bob" in hub.peers
     finally:
         world.registry.close()
+
+
+def test_doctor_checks_that_the_database_answers(pg_hub, pg_url, pg_server):
+    from pytun.server import doctor
+    check = doctor.check_pg_registry(pg_url)
+    assert check.status == doctor.PASS and "0 peers" in check.detail
+    dead = doctor.check_pg_registry("postgresql://pytun:s3cret@/nope?host=/nonexistent&port=1")
+    assert dead.status == doctor.FAIL and "cannot connect" in dead.detail
+    assert "s3cret" not in f"{dead.detail} {dead.fix}"
