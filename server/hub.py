@@ -104,11 +104,15 @@ class Hub:
     def sync(self) -> tuple[list[str], list[str]]:
         """Apply the registry to the device and plan the firewall for it (`apply_firewall`
         carries the plan out). Returns (added, removed) peer names."""
-        self._token = self.registry.change_token()
+        token = self.registry.change_token()
         now = time.time()
         # An expired peer is refused like a disabled one, by the engine and the firewall.
         records = [dataclasses.replace(r, disabled=True) if r.expired(now) else r
                    for r in self.registry.list()]
+        rules = self.registry.rules() if self.view is not None else []
+        # Only once all is read: a registry that failed halfway (a lost connection) leaves the
+        # token as it was, so the next poll tries again.
+        self._token = token
         wanted = {r.name: r for r in records if not r.disabled}
         self._refused = {r.name for r in records if r.disabled}
         for r in records:
@@ -118,7 +122,7 @@ class Hub:
         self._peer_expiry = min((r.expires for r in records
                                  if r.expires is not None and r.expires > now), default=None)
         if self.view is not None:
-            self._plan(records, self.registry.rules())
+            self._plan(records, rules)
         with self._device():
             if self.view is not None:
                 self.device.allow_peer_to_peer = self._reaches_peers
@@ -491,7 +495,10 @@ class Hub:
             try:
                 due = self._next_expiry()
                 expired = due is not None and time.time() >= due
-                if expired or self.registry.change_token() != self._token:
+                # In a worker thread: a registry across the network (PostgreSQL) may take up to
+                # its connect timeout to answer, and the packets must keep flowing meanwhile.
+                token = await trio.to_thread.run_sync(self.registry.change_token)
+                if expired or token != self._token:
                     self.sync()
             except RegistryError as exc:
                 log.warning("registry check failed: %s", exc)

@@ -2,7 +2,8 @@
 
     hub.json      settings (HubSettings), written by `pytun-admin init`
     private.key   the hub's X25519 private key, base64, mode 0600
-    registry.db   the peer registry (SQLite), mode 0600
+    registry.db   the peer registry (SQLite), mode 0600; absent when hub.json names a
+                  PostgreSQL registry (`registry`) that several hubs share
     control.sock  the running hub's control socket, mode 0600
 
 `hub.json` is written last, so a directory that has it is complete.
@@ -24,7 +25,7 @@ from ..common import files, keys
 from ..common.endpoint import Endpoint
 
 from . import policy
-from .registry import RegistryError, SqliteRegistry
+from .registry import Registry, RegistryError, is_url, open_registry
 
 DEFAULT_STATE_DIR = "/var/lib/pytun"
 SETTINGS_FILE = "hub.json"
@@ -64,6 +65,21 @@ def private_key_path(state_dir: str) -> str:
 
 def registry_path(state_dir: str) -> str:
     return os.path.join(state_dir, REGISTRY_FILE)
+
+
+def registry_location(state_dir: str, settings: "HubSettings | None") -> str:
+    """Where the hub's registry is: hub.json's `registry` URL, else registry.db here."""
+    if settings is not None and settings.registry:
+        return settings.registry
+    return registry_path(state_dir)
+
+
+def open_hub_registry(state_dir: str, settings: "HubSettings | None" = None, *,
+                      create: bool = False) -> Registry:
+    """The registry `settings` (by default hub.json) name for this state directory."""
+    if settings is None:
+        settings = load_settings(state_dir)
+    return open_registry(registry_location(state_dir, settings), create=create)
 
 
 def socket_path(state_dir: str) -> str:
@@ -106,6 +122,9 @@ class HubSettings:
     allow_peer_to_peer: bool = False
     subnet6: IPv6Network | None = None  # dual stack: the IPv6 subnet beside an IPv4 `subnet`
     expiry_warning: int = DEFAULT_EXPIRY_WARNING  # seconds before a peer's expiry: a warning
+    # A PostgreSQL registry's URL (postgresql://...); None: registry.db in the state directory.
+    # It may hold a password, so it stays out of repr (and the logs): mask() shows it.
+    registry: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         given = [self.subnet, *([self.subnet6] if self.subnet6 else [])]
@@ -153,6 +172,9 @@ class HubSettings:
                 or not 1 <= self.under_load_threshold <= 1_000_000):
             raise StateError(f"under-load threshold must be from 1 to 1000000 handshakes a "
                              f"second, not {self.under_load_threshold!r}")
+        if self.registry is not None and not is_url(self.registry):
+            raise StateError("registry: give a postgresql:// URL (or leave it out for the"
+                             " SQLite file in the state directory)")  # not echoed: a secret?
 
     @property
     def address(self) -> IPv4Interface | IPv6Interface:
@@ -176,7 +198,8 @@ class HubSettings:
             d["subnet6"] = str(self.subnet6)
         else:
             del d["subnet6"]
-        for optional in ("metrics", "metrics_token_file"):  # hub.json stays as it was when unset
+        # hub.json stays as it was when these are unset
+        for optional in ("metrics", "metrics_token_file", "registry"):
             if d[optional] is None:
                 del d[optional]
         d["dns"] = [str(x) for x in self.dns]
@@ -248,8 +271,9 @@ def init_state(state_dir: str, settings: HubSettings, *, private_key: bytes | No
         private = private_key if private_key is not None else keys.generate_private()
         created.append(private_key_path(state_dir))
         keys.write_secret_file(created[-1], keys.encode_key(private) + "\n")
-        created += [registry_path(state_dir) + suffix for suffix in ("", "-wal", "-shm")]
-        with SqliteRegistry(registry_path(state_dir)) as registry:
+        if not settings.registry:
+            created += [registry_path(state_dir) + suffix for suffix in ("", "-wal", "-shm")]
+        with open_hub_registry(state_dir, settings, create=True) as registry:
             if default_rules:
                 registry.ensure_default_rules(policy.default_rules(settings))
         save_settings(state_dir, settings)

@@ -186,3 +186,40 @@ def pytest_sessionfinish(session, exitstatus):
         subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
     if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# ---------------------------------------------------------------------------------- registries
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A throwaway PostgreSQL cluster for the whole run (tests/pgserver.py), started on first
+    use; skipped (a failure under PYTUN_REQUIRE_NETNS=1) where none can be started."""
+    from . import pgserver
+
+    why = pgserver.missing()
+    if why:
+        skip_or_fail(f"runs against PostgreSQL and {why}")
+    with pgserver.PgServer() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A fresh, empty database in the throwaway cluster, dropped after the test."""
+    if not pg_server.running:  # a test that stopped it failed before starting it again
+        pg_server.start()
+    url = pg_server.create_database()
+    yield url
+    if not pg_server.running:
+        pg_server.start()
+    pg_server.drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_location(request, tmp_path):
+    """Where a registry is, once for each backend: a SQLite file's path, or a PostgreSQL URL.
+    open_registry(registry_location) opens it (again, for a second connection)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "registry.db")
+    return request.getfixturevalue("pg_url")

@@ -20,7 +20,7 @@ from pytun.common.device import Device
 from pytun.server import hub as hub_module
 from pytun.server import state
 from pytun.server.hub import Hub
-from pytun.server.registry import Peer, SqliteRegistry
+from pytun.server.registry import Peer, open_registry
 from pytun.common.peer import Event
 
 from .enginenet import WALL0, seeded_rng, static_key
@@ -31,12 +31,12 @@ ATTACKER_EP = ("203.0.113.66", 6666)
 
 
 class World:
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, registry_location):
         self.tmp_path = tmp_path
         self.settings = state.HubSettings(subnet="10.77.0.0/24", endpoint="192.0.2.1")
         self.hub_private, self.hub_public = static_key("hub")
         self.laptop_private, self.laptop_public = static_key("laptop")
-        self.registry = SqliteRegistry(str(tmp_path / "registry.db"))
+        self.registry = open_registry(registry_location, create=True)
         self.now = 10.0
         self.hub = self.new_hub()
 
@@ -86,8 +86,9 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path):
-    w = World(tmp_path)
+def world(tmp_path, registry_location):
+    """Over each backend: SQLite, and PostgreSQL where a throwaway cluster runs."""
+    w = World(tmp_path, registry_location)
     yield w
     w.registry.close()
 
@@ -142,8 +143,8 @@ def test_a_replayed_initiation_is_refused_after(world, how):
     assert world.alice().endpoint == LAPTOP_EP
 
 
-def test_the_stored_timestamp_only_grows(tmp_path):
-    reg = SqliteRegistry(str(tmp_path / "r.db"))
+def test_the_stored_timestamp_only_grows(registry_location):
+    reg = open_registry(registry_location, create=True)
     key = keys.encode_key(static_key("x")[1])
     reg.raise_handshake_timestamps([(key, b"\x40" + bytes(10) + b"\x05")])
     reg.raise_handshake_timestamps([(key, b"\x40" + bytes(10) + b"\x03")])

@@ -26,7 +26,7 @@ from pytun.common import config, enroll, keys
 from pytun.server import admin, state
 from pytun.server.hub import Hub
 from pytun.server.registry import (SCHEMA_VERSION, Invite, InviteRefused, Peer, RegistryError,
-                                   SqliteRegistry)
+                                   SqliteRegistry, open_registry)
 
 SUBNET = ipaddress.ip_network("10.77.0.0/24")
 HUB_IPS = {ipaddress.ip_address("10.77.0.1")}
@@ -42,7 +42,15 @@ def new_invite(name="alice", *, ttl=3600, secret=b"s" * 32, invite_id=b"12345678
 
 
 @pytest.fixture
-def reg(tmp_path):
+def reg(registry_location):
+    """Once for each backend (SQLite, PostgreSQL)."""
+    r = open_registry(registry_location, create=True)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def sqlite_reg(tmp_path):
     r = SqliteRegistry(str(tmp_path / "registry.db"))
     yield r
     r.close()
@@ -143,12 +151,12 @@ def test_a_failed_add_leaves_the_invite_pending(reg):
     assert [p.name for p in reg.list()] == ["bob"]
 
 
-def test_allocation_lock_is_let_go_after_the_block(reg, tmp_path):
+def test_allocation_lock_is_let_go_after_the_block(reg, registry_location):
     with reg.allocation_lock():
-        with SqliteRegistry(str(tmp_path / "registry.db")) as other:
+        with open_registry(registry_location) as other:
             with pytest.raises(RegistryError, match="stayed locked"):
                 other.hold_allocation_lock(timeout=0.05)
-    with SqliteRegistry(str(tmp_path / "registry.db")) as other:
+    with open_registry(registry_location) as other:
         other.hold_allocation_lock(timeout=0.05)
 
 
@@ -576,7 +584,7 @@ def test_failed_enrollments_are_logged_once_per_source_per_few_seconds(hub_dir):
         "enrollment from 198.51.100.2:1 refused: invite used"]
 
 
-def test_a_lock_file_of_another_user_does_not_stop_enrollment(reg, tmp_path, monkeypatch):
+def test_a_lock_file_of_another_user_does_not_stop_enrollment(sqlite_reg, tmp_path, monkeypatch):
     """pytun-admin (root) made registry.db.lock, 0600, and the hub runs as its own user, which
     cannot open it: the hub enrolls all the same, and add() still refuses a taken address."""
     from pytun.server import registry as registry_module
@@ -586,14 +594,14 @@ def test_a_lock_file_of_another_user_does_not_stop_enrollment(reg, tmp_path, mon
     real_access = os.access
     monkeypatch.setattr(registry_module.os, "access",
                         lambda p, mode: False if p == lock else real_access(p, mode))
-    with reg.allocation_lock(timeout=0.1):
-        address = reg.allocate_address(SUBNET, HUB_IPS)
+    with sqlite_reg.allocation_lock(timeout=0.1):
+        address = sqlite_reg.allocate_address(SUBNET, HUB_IPS)
         with SqliteRegistry(str(tmp_path / "registry.db")) as other:  # a concurrent add-peer
             other.hold_allocation_lock(timeout=0.05)  # free: the hub could not take it
             other.add(Peer(name="bob", public_key=pub(2), address=address))
         with pytest.raises(RegistryError, match="already used by peer 'bob'"):
-            reg.add(Peer(name="alice", public_key=pub(1), address=address))
-    assert [p.name for p in reg.list()] == ["bob"]
+            sqlite_reg.add(Peer(name="alice", public_key=pub(1), address=address))
+    assert [p.name for p in sqlite_reg.list()] == ["bob"]
 
 
 def test_enroll_over_an_ipv6_underlay(tmp_path, capsys):

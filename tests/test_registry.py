@@ -1,16 +1,19 @@
-"""The peer registry (SQLite) and the hub's state directory."""
+"""The peer registry (SQLite, and PostgreSQL where a throwaway cluster can run: the tests that
+take `reg` or `registry_location` run against both) and the hub's state directory."""
 
 import ipaddress
 import json
 import os
 import sqlite3
 import stat
+import time
 
 import pytest
 
 from pytun.common import keys
 from pytun.server import state
-from pytun.server.registry import SCHEMA_VERSION, Peer, RegistryError, SqliteRegistry, check_name
+from pytun.server.registry import (SCHEMA_VERSION, Peer, RegistryError, SqliteRegistry, check_name,
+                                   open_registry)
 
 SUBNET = ipaddress.ip_network("10.77.0.0/24")
 HUB = {ipaddress.ip_address("10.77.0.1")}
@@ -25,8 +28,8 @@ def mode(path) -> int:
 
 
 @pytest.fixture
-def reg(tmp_path):
-    r = SqliteRegistry(str(tmp_path / "registry.db"))
+def reg(registry_location):
+    r = open_registry(registry_location, create=True)
     yield r
     r.close()
 
@@ -155,18 +158,25 @@ def test_allocate_ipv6(reg):
     assert str(reg.allocate_address(v6)) == "fd77::3/128"
 
 
-def test_change_token_sees_other_connections(tmp_path):
-    path = str(tmp_path / "registry.db")
-    hub, admin = SqliteRegistry(path), SqliteRegistry(path)
+def changed(reg, token, within: float = 1.0):
+    """reg's change token once it differs from `token`, polled for at most `within` s."""
+    deadline = time.monotonic() + within
+    while (now := reg.change_token()) == token:
+        assert time.monotonic() < deadline, "the change token did not move"
+        time.sleep(0.001)
+    return now
+
+
+def test_change_token_sees_other_connections(registry_location):
+    hub = open_registry(registry_location, create=True)
+    admin = open_registry(registry_location)
     t0 = hub.change_token()
     assert hub.change_token() == t0
     admin.add(peer("alice", 1, "10.77.0.2"))
-    t1 = hub.change_token()
-    assert t1 != t0
+    t1 = changed(hub, t0)  # PostgreSQL: the notification is on its way, within a second
     assert [p.name for p in hub.list()] == ["alice"]
     admin.set_disabled("alice", True)
-    assert hub.change_token() != t1
-    t2 = hub.change_token()
+    t2 = changed(hub, t1)
     hub.add(peer("bob", 2, "10.77.0.3"))  # its own commits count too
     assert hub.change_token() != t2
     t3 = hub.change_token()
