@@ -195,7 +195,7 @@ def check_rp_filter(values: dict[str, str | None]) -> Check:
 def check_state_modes(state_dir: str) -> list[Check]:
     out = []
     for path, want, what in ((state_dir, 0o700, "state directory"),
-                             (state.private_key_path(state_dir), 0o600, "private key"),
+                             (state.key_path(state_dir), 0o600, "private key"),
                              (state.registry_path(state_dir), 0o600, "registry")):
         try:
             st = os.stat(path)
