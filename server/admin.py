@@ -27,7 +27,7 @@ from pytun.common import __version__, cli, config, control, keys
 from pytun.common.cli import human_ago, human_bytes
 
 from . import migrate, policy, state
-from .registry import Peer, SqliteRegistry
+from .registry import Peer, Registry, mask
 
 PROG = "pytun-admin"
 DEFAULT_KEEPALIVE = 25
@@ -51,9 +51,9 @@ def _networks(values: list[str] | None, what: str) -> list:
     return out
 
 
-def _open(args) -> tuple[state.HubSettings, SqliteRegistry]:
+def _open(args) -> tuple[state.HubSettings, Registry]:
     settings = state.load_settings(args.state_dir)
-    registry = SqliteRegistry(state.registry_path(args.state_dir), create=False)
+    registry = state.open_hub_registry(args.state_dir, settings)
     try:  # a registry from before access rules gets the rules that keep its behaviour
         registry.ensure_default_rules(policy.default_rules(settings))
     except BaseException:
@@ -62,12 +62,23 @@ def _open(args) -> tuple[state.HubSettings, SqliteRegistry]:
     return settings, registry
 
 
+def _shared_registry(args) -> bool:
+    try:
+        return bool(state.load_settings(args.state_dir).registry)
+    except state.StateError:
+        return False
+
+
 def _sync(args) -> None:
     """Tell a running hub to apply the registry; the change is already stored either way."""
     try:
         control.request(state.socket_path(args.state_dir), [("sync", "1")])
     except control.HubNotRunning:
-        print("hub not running; the change applies when it starts", file=sys.stderr)
+        if _shared_registry(args):
+            print("no hub runs here; the hubs that share the registry apply the change within"
+                  " a second", file=sys.stderr)
+        else:
+            print("hub not running; the change applies when it starts", file=sys.stderr)
     except control.ControlError as exc:
         print(f"{PROG}: warning: the change is stored, but the hub did not apply it yet: {exc}",
               file=sys.stderr)
@@ -99,12 +110,14 @@ def cmd_init(args) -> int:
         metrics=args.metrics, metrics_token_file=args.metrics_token_file,
         private_key_file=os.path.abspath(args.key_file) if args.key_file else None,
         ha={"service_address": args.service_address,
-            "start_as": args.start_as} if args.service_address else None)
+            "start_as": args.start_as} if args.service_address else None,
+        registry=args.registry)
     _check_interfaces(settings)
     public = state.init_state(args.state_dir, settings)
+    where = f", registry {mask(settings.registry)}" if settings.registry else ""
     print(f"initialised {args.state_dir}: subnet {', '.join(map(str, settings.subnets))}, hub"
-          f" address {', '.join(map(str, settings.addresses))}, endpoint {settings.endpoint};"
-          " hub public key:", file=sys.stderr)
+          f" address {', '.join(map(str, settings.addresses))}, endpoint {settings.endpoint}"
+          f"{where}; hub public key:", file=sys.stderr)
     print(public)
     return 0
 
@@ -844,6 +857,9 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar="PER_SECOND",
                     help="handshake messages a second above which the hub answers with cookies "
                          f"and limits each source (default {state.DEFAULT_UNDER_LOAD})")
+    sp.add_argument("--registry", metavar="URL",
+                    help="keep the registry in PostgreSQL (postgresql://USER@HOST/DB), shared by"
+                         " the hubs whose hub.json names it (default: registry.db, SQLite)")
 
     sp = add("add-peer", cmd_add_peer, "register a peer and print its wg-quick config")
     sp.add_argument("name", metavar="NAME")

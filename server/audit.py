@@ -59,9 +59,12 @@ def snapshot(state_dir: str) -> dict[str, object]:
     except state.StateError:
         return out
     out["settings"] = json.loads(settings.to_json())
-    from .registry import RegistryError, SqliteRegistry
+    if settings.registry:  # the URL may hold a password: the log keeps it masked
+        from .registry import mask
+        out["settings"]["registry"] = mask(settings.registry)
+    from .registry import RegistryError
     try:
-        registry = SqliteRegistry(state.registry_path(state_dir), create=False)
+        registry = state.open_hub_registry(state_dir, settings)
     except RegistryError:
         return out
     with registry:

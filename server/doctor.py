@@ -22,6 +22,7 @@ from pytun.common import control
 from pytun.common.endpoint import Endpoint
 
 from . import nat, policy, state
+from .registry import RegistryError, mask, open_registry
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 TUNNEL_OVERHEAD = {4: 60, 6: 80}  # outer IP + UDP + WireGuard header and tag
@@ -192,11 +193,14 @@ def check_rp_filter(values: dict[str, str | None]) -> Check:
     return Check("rp_filter", PASS, f"loose or off ({shown})")
 
 
-def check_state_modes(state_dir: str) -> list[Check]:
+def check_state_modes(state_dir: str, registry_file: bool = True) -> list[Check]:
+    """`registry_file`: False when the registry is in PostgreSQL (no file to check)."""
     out = []
-    for path, want, what in ((state_dir, 0o700, "state directory"),
-                             (state.key_path(state_dir), 0o600, "private key"),
-                             (state.registry_path(state_dir), 0o600, "registry")):
+    paths = [(state_dir, 0o700, "state directory"),
+             (state.key_path(state_dir), 0o600, "private key")]
+    if registry_file:
+        paths.append((state.registry_path(state_dir), 0o600, "registry"))
+    for path, want, what in paths:
         try:
             st = os.stat(path)
         except OSError as exc:
@@ -226,6 +230,17 @@ def check_registry(path: str) -> Check:
     return Check("registry", FAIL, f"integrity_check: {'; '.join(rows[:3])}",
                  f"stop the hub, keep a copy of {path}, then recover it: sqlite3 {path}"
                  " .recover | sqlite3 registry-recovered.db")
+
+
+def check_pg_registry(url: str) -> Check:
+    """A PostgreSQL registry answers, and has pytun's schema."""
+    try:
+        with open_registry(url) as registry:
+            count = len(registry.list())
+    except RegistryError as exc:
+        return Check("registry", FAIL, str(exc),
+                     f"start PostgreSQL or fix hub.json's registry URL ({mask(url)})")
+    return Check("registry", PASS, f"{mask(url)} answers ({count} peers)")
 
 
 def check_endpoint(settings, local: set, resolve) -> Check:
@@ -379,7 +394,10 @@ def run(state_dir: str) -> list[Check]:
             _read("/proc/sys/net/netfilter/nf_conntrack_max")))))
     checks.append(check_rp_filter({i: _read(f"/proc/sys/net/ipv4/conf/{i}/rp_filter")
                                    for i in ("all", settings.interface, egress) if i}))
-    checks += check_state_modes(state_dir)
-    checks.append(check_registry(state.registry_path(state_dir)))
+    checks += check_state_modes(state_dir, registry_file=not settings.registry)
+    if settings.registry:
+        checks.append(check_pg_registry(settings.registry))
+    else:
+        checks.append(check_registry(state.registry_path(state_dir)))
     checks.append(check_endpoint(settings, _local_addresses(), _resolve))
     return checks

@@ -14,7 +14,7 @@ from ..common import __version__, cli, linux, logformat
 from ..common.errors import PytunError
 from . import nat, state
 from .hub import Hub, StartupError
-from .registry import RegistryError, SqliteRegistry
+from .registry import RegistryError, mask
 
 log = logging.getLogger("pytun")
 PROG = "pytun-server"
@@ -98,12 +98,15 @@ def _cleanup(args) -> int:
 def _serve(args) -> int:
     settings = state.load_settings(args.state_dir)
     private_key = state.load_private_key(args.state_dir)
-    damage = registry_damage(state.registry_path(args.state_dir))
-    if damage is not None:
-        raise RegistryError(f"registry {state.registry_path(args.state_dir)} is damaged "
-                            f"({damage}); the hub leaves it as it is: restore a backup "
-                            f"(pytun-admin restore)")
-    registry = SqliteRegistry(state.registry_path(args.state_dir), create=False)
+    if not settings.registry:
+        damage = registry_damage(state.registry_path(args.state_dir))
+        if damage is not None:
+            raise RegistryError(f"registry {state.registry_path(args.state_dir)} is damaged "
+                                f"({damage}); the hub leaves it as it is: restore a backup "
+                                f"(pytun-admin restore)")
+    else:
+        log.info("registry %s", mask(settings.registry))
+    registry = state.open_hub_registry(args.state_dir, settings)
     try:
         with cli.unwrapped():  # an error in one of the hub's tasks comes in a group of one
             trio.run(Hub(args.state_dir, settings, private_key, registry).run,

@@ -47,6 +47,9 @@ def backup(state_dir: str, path: str) -> int:
     if os.path.exists(path):
         raise MigrateError(f"{path} exists; give a new file name")
     settings_text = _read(state.settings_path(state_dir))
+    if state.HubSettings.from_json(settings_text).registry:
+        raise MigrateError("the registry is in PostgreSQL: back it up with pg_dump (the hub's"
+                           " key and hub.json are in the state directory)")
     private = state.load_private_key(state_dir)
     try:
         files.create_private(path)
@@ -287,7 +290,7 @@ def apply_import(plan: ImportPlan, state_dir: str) -> None:
     state.init_state(state_dir, plan.settings, private_key=plan.private_key,
                      default_rules=False)
     try:
-        with SqliteRegistry(state.registry_path(state_dir), create=False) as registry:
+        with state.open_hub_registry(state_dir, plan.settings) as registry:
             for peer in plan.peers:
                 registry.add(peer, subnet=plan.settings.subnet,
                              reserved={a.ip for a in plan.settings.addresses},

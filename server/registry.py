@@ -369,88 +369,12 @@ def _sqlite_error(path: str, exc: sqlite3.Error) -> str:
     return text
 
 
-class SqliteRegistry(Registry):
-    def __init__(self, path: str, *, create: bool = True):
-        self.path = path
-        if not os.path.exists(path):
-            if not create:
-                raise RegistryError(f"registry {path} does not exist")
-            try:
-                files.create_private(path)
-            except FileExistsError:
-                pass
-            except OSError as exc:
-                raise RegistryError(f"cannot create {path}: {exc.strerror}") from None
-        self._lock = threading.Lock()
-        self._commits = 0
-        try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                                       timeout=5.0)
-        except sqlite3.Error as exc:
-            raise RegistryError(f"cannot open {path}: {_sqlite_error(path, exc)}") from None
-        try:
-            self._setup()
-        except sqlite3.Error as exc:
-            self._db.close()
-            raise RegistryError(f"cannot use {path}: {_sqlite_error(path, exc)}") from None
-        except RegistryError:
-            self._db.close()
-            raise
+class SqlRegistry(Registry):
+    """The registry's logic in SQL, shared by the backends. A subclass supplies `_write(fn)`
+    (fn(db) inside one transaction that serialises writers), `_read(sql, args)`, the change
+    token, the allocation lock and close(); `db.execute` takes SQLite's `?` placeholders."""
 
-    def _setup(self) -> None:
-        db = self._db
-        db.execute("PRAGMA busy_timeout = 5000")
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = FULL")
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute(_TIMESTAMPS_TABLE)  # at any schema version: see the end of this file
-            db.execute(_INVITES_TABLE)  # the same: see "invites" at the end of this file
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RegistryError(f"{self.path} has schema version {version}; this pytun "
-                                    f"understands up to {SCHEMA_VERSION}")
-            if version == 0:
-                db.execute(_SCHEMA.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
-                version = 1
-            for step in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in _MIGRATIONS[step]:
-                    db.execute(statement)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-
-    def _write(self, fn, *, peer_set_changed: bool = True):
-        """Run fn(db) inside one IMMEDIATE transaction; all or nothing."""
-        with self._lock:
-            db = self._db
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    result = fn(db)
-                    db.execute("COMMIT")
-                except BaseException:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
-                    raise
-            except sqlite3.IntegrityError as exc:
-                raise RegistryError(f"registry refused the change: {exc}") from None
-            except sqlite3.Error as exc:
-                raise RegistryError(
-                    f"registry {self.path}: {_sqlite_error(self.path, exc)}") from None
-            self._commits += peer_set_changed
-            return result
-
-    def _read(self, sql: str, args=()) -> list:
-        with self._lock:
-            try:
-                return self._db.execute(sql, args).fetchall()
-            except sqlite3.Error as exc:
-                raise RegistryError(
-                    f"registry {self.path}: {_sqlite_error(self.path, exc)}") from None
+    _GREATEST = "max"  # the SQL function of two values that returns the greater one
 
     def add(self, peer: Peer, *, subnet=None, reserved=frozenset(), subnet6=None,
             also=None) -> None:
@@ -608,7 +532,7 @@ class SqliteRegistry(Registry):
     @staticmethod
     def _create_groups(db, groups) -> None:
         for group in groups:
-            db.execute("INSERT OR IGNORE INTO groups (name, created) VALUES (?, ?)",
+            db.execute("INSERT INTO groups (name, created) VALUES (?, ?) ON CONFLICT DO NOTHING",
                        (group, int(time.time())))
 
     def set_groups(self, name: str, groups: list[str]) -> None:
@@ -690,12 +614,12 @@ class SqliteRegistry(Registry):
                         "SELECT 1 FROM groups WHERE name = ?", (who,)).fetchone():
                     raise RegistryError(f"no group named {who!r} (pytun-admin group add {who})")
             first, last = rule.ports if rule.ports else (None, None)
-            cur = db.execute(
+            (rule_id,) = db.execute(
                 "INSERT INTO rules (source, destination, protocol, port_first, port_last,"
-                " expires, comment, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " expires, comment, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (rule.source, rule.destination, rule.protocol, first, last, rule.expires,
-                 rule.comment, int(time.time())))
-            return dataclasses.replace(rule, id=cur.lastrowid)
+                 rule.comment, int(time.time()))).fetchone()
+            return dataclasses.replace(rule, id=rule_id)
 
         return self._write(insert)
 
@@ -730,12 +654,6 @@ class SqliteRegistry(Registry):
 
         return self._write(insert)
 
-    def change_token(self) -> tuple[int, int]:
-        (data_version,), = self._read("PRAGMA data_version")
-        return data_version, self._commits
-
-    # -- handshake replay state and batched endpoint notes --------------------------------------
-
     def handshake_timestamps(self) -> dict[str, bytes]:
         rows = self._read("SELECT public_key, tai64n FROM handshake_timestamps")
         return {k: bytes(t) for k, t in rows}
@@ -751,8 +669,8 @@ class SqliteRegistry(Registry):
         def upsert(db):
             # max() of two BLOBs compares bytes: TAI64N is big-endian, so that is time order.
             db.executemany("INSERT INTO handshake_timestamps (public_key, tai64n) VALUES (?, ?) "
-                           "ON CONFLICT(public_key) DO UPDATE SET"
-                           " tai64n = max(tai64n, excluded.tai64n)",
+                           "ON CONFLICT(public_key) DO UPDATE SET tai64n ="
+                           f" {self._GREATEST}(handshake_timestamps.tai64n, excluded.tai64n)",
                            rows)
 
         self._write(upsert, peer_set_changed=False)
@@ -770,41 +688,6 @@ class SqliteRegistry(Registry):
             return n
 
         return self._write(update, peer_set_changed=False)
-
-    def hold_allocation_lock(self, timeout: float = 10.0) -> None:
-        import fcntl
-
-        if getattr(self, "_allocation_fd", None) is not None:
-            return
-        path = f"{self.path}.lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise RegistryError(f"cannot open {path}: {exc.strerror}") from None
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise RegistryError(f"{path} stayed locked for {timeout:g} s: another "
-                                        f"pytun-admin is still adding a peer") from None
-                time.sleep(0.005)
-        self._allocation_fd = fd
-
-    def close(self) -> None:
-        if (fd := getattr(self, "_allocation_fd", None)) is not None:
-            self._allocation_fd = None
-            os.close(fd)  # lets the next pytun-admin choose
-        with self._lock:
-            self._db.close()
-
-    def __repr__(self) -> str:
-        return f"SqliteRegistry({self.path!r})"
-
-    # -- invites ----------------------------------------------------------------------------------
 
     def add_invite(self, invite: "Invite") -> None:
         now = time.time()
@@ -868,6 +751,131 @@ class SqliteRegistry(Registry):
             raise InviteRefused(invite.refusal())
         self.add(peer, subnet=subnet, reserved=reserved, subnet6=subnet6, also=claim)
 
+
+class SqliteRegistry(SqlRegistry):
+    def __init__(self, path: str, *, create: bool = True):
+        self.path = path
+        if not os.path.exists(path):
+            if not create:
+                raise RegistryError(f"registry {path} does not exist")
+            try:
+                files.create_private(path)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise RegistryError(f"cannot create {path}: {exc.strerror}") from None
+        self._lock = threading.Lock()
+        self._commits = 0
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                       timeout=5.0)
+        except sqlite3.Error as exc:
+            raise RegistryError(f"cannot open {path}: {_sqlite_error(path, exc)}") from None
+        try:
+            self._setup()
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise RegistryError(f"cannot use {path}: {_sqlite_error(path, exc)}") from None
+        except RegistryError:
+            self._db.close()
+            raise
+
+    def _setup(self) -> None:
+        db = self._db
+        db.execute("PRAGMA busy_timeout = 5000")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(_TIMESTAMPS_TABLE)  # at any schema version: see the end of this file
+            db.execute(_INVITES_TABLE)  # the same: see "invites" at the end of this file
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RegistryError(f"{self.path} has schema version {version}; this pytun "
+                                    f"understands up to {SCHEMA_VERSION}")
+            if version == 0:
+                db.execute(_SCHEMA.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
+                version = 1
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[step]:
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def _write(self, fn, *, peer_set_changed: bool = True):
+        """Run fn(db) inside one IMMEDIATE transaction; all or nothing."""
+        with self._lock:
+            db = self._db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(db)
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+            except sqlite3.IntegrityError as exc:
+                raise RegistryError(f"registry refused the change: {exc}") from None
+            except sqlite3.Error as exc:
+                raise RegistryError(
+                    f"registry {self.path}: {_sqlite_error(self.path, exc)}") from None
+            self._commits += peer_set_changed
+            return result
+
+    def _read(self, sql: str, args=()) -> list:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise RegistryError(
+                    f"registry {self.path}: {_sqlite_error(self.path, exc)}") from None
+
+    def change_token(self) -> tuple[int, int]:
+        (data_version,), = self._read("PRAGMA data_version")
+        return data_version, self._commits
+
+    # -- handshake replay state and batched endpoint notes --------------------------------------
+
+    def hold_allocation_lock(self, timeout: float = 10.0) -> None:
+        import fcntl
+
+        if getattr(self, "_allocation_fd", None) is not None:
+            return
+        path = f"{self.path}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise RegistryError(f"cannot open {path}: {exc.strerror}") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise RegistryError(f"{path} stayed locked for {timeout:g} s: another "
+                                        f"pytun-admin is still adding a peer") from None
+                time.sleep(0.005)
+        self._allocation_fd = fd
+
+    def close(self) -> None:
+        if (fd := getattr(self, "_allocation_fd", None)) is not None:
+            self._allocation_fd = None
+            os.close(fd)  # lets the next pytun-admin choose
+        with self._lock:
+            self._db.close()
+
+    def __repr__(self) -> str:
+        return f"SqliteRegistry({self.path!r})"
+
+    # -- invites ----------------------------------------------------------------------------------
+
     @contextlib.contextmanager
     def allocation_lock(self, timeout: float = 10.0):
         if getattr(self, "_allocation_fd", None) is not None:
@@ -886,6 +894,48 @@ class SqliteRegistry(Registry):
         finally:
             fd, self._allocation_fd = self._allocation_fd, None
             os.close(fd)
+
+
+# ---------------------------------------------------------------------------------- opening one
+
+PG_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_url(location: str) -> bool:
+    """A PostgreSQL connection URL, as opposed to the path of a SQLite file."""
+    return isinstance(location, str) and location.startswith(PG_SCHEMES)
+
+
+def mask(location: str) -> str:
+    """`location` fit for logs and status output: a URL's password becomes ***."""
+    if not is_url(location):
+        return location
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(location)
+        netloc = parts.netloc
+        if parts.password is not None:
+            userinfo, _, hostinfo = netloc.rpartition("@")
+            netloc = f"{userinfo.partition(':')[0]}:***@{hostinfo}"
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if netloc == parts.netloc and all(k != "password" for k, _ in pairs):
+            return location  # nothing secret in it
+        query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*/")
+        masked = urlunsplit(("", netloc, parts.path, query, parts.fragment))
+        return f"{parts.scheme}://{masked.removeprefix('//')}"
+    except ValueError:
+        return location.partition("://")[0] + "://***"  # unparsable: show nothing of it
+
+
+def open_registry(location: str, *, create: bool = False) -> Registry:
+    """The registry at `location`: a SQLite file's path, or a postgresql:// (postgres://) URL.
+    With create, a missing file (or schema) is made; without, its absence is an error."""
+    if is_url(location):
+        from .registry_pg import PostgresRegistry
+
+        return PostgresRegistry(location, create=create)
+    return SqliteRegistry(location, create=create)
 
 
 # ---------------------------------------------------------------------------------- replay state

@@ -3,7 +3,8 @@
     hub.json      settings (HubSettings), written by `pytun-admin init`
     private.key   the hub's X25519 private key, base64, mode 0600 (unless hub.json names a
                   `private_key_file` elsewhere: a hot-standby pair shares one key file)
-    registry.db   the peer registry (SQLite), mode 0600
+    registry.db   the peer registry (SQLite), mode 0600; absent when hub.json names a
+                  PostgreSQL registry (`registry`) that several hubs share
     control.sock  the running hub's control socket, mode 0600
 
 `hub.json` is written last, so a directory that has it is complete.
@@ -25,7 +26,7 @@ from ..common import files, keys
 from ..common.endpoint import Endpoint
 
 from . import policy
-from .registry import RegistryError, SqliteRegistry
+from .registry import Registry, RegistryError, is_url, open_registry
 
 DEFAULT_STATE_DIR = "/var/lib/pytun"
 SETTINGS_FILE = "hub.json"
@@ -66,6 +67,21 @@ def private_key_path(state_dir: str) -> str:
 
 def registry_path(state_dir: str) -> str:
     return os.path.join(state_dir, REGISTRY_FILE)
+
+
+def registry_location(state_dir: str, settings: "HubSettings | None") -> str:
+    """Where the hub's registry is: hub.json's `registry` URL, else registry.db here."""
+    if settings is not None and settings.registry:
+        return settings.registry
+    return registry_path(state_dir)
+
+
+def open_hub_registry(state_dir: str, settings: "HubSettings | None" = None, *,
+                      create: bool = False) -> Registry:
+    """The registry `settings` (by default hub.json) name for this state directory."""
+    if settings is None:
+        settings = load_settings(state_dir)
+    return open_registry(registry_location(state_dir, settings), create=create)
 
 
 def socket_path(state_dir: str) -> str:
@@ -134,6 +150,9 @@ class HubSettings:
     # {"service_address": "192.0.2.1", "start_as": "standby"}
     ha: dict | None = None
     private_key_file: str | None = None  # the hub key outside the state dir (0600), shared
+    # A PostgreSQL registry's URL (postgresql://...); None: registry.db in the state directory.
+    # It may hold a password, so it stays out of repr (and the logs): mask() shows it.
+    registry: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         given = [self.subnet, *([self.subnet6] if self.subnet6 else [])]
@@ -185,6 +204,9 @@ class HubSettings:
                 or not 1 <= self.under_load_threshold <= 1_000_000):
             raise StateError(f"under-load threshold must be from 1 to 1000000 handshakes a "
                              f"second, not {self.under_load_threshold!r}")
+        if self.registry is not None and not is_url(self.registry):
+            raise StateError("registry: give a postgresql:// URL (or leave it out for the"
+                             " SQLite file in the state directory)")  # not echoed: a secret?
 
     @property
     def address(self) -> IPv4Interface | IPv6Interface:
@@ -209,7 +231,8 @@ class HubSettings:
         else:
             del d["subnet6"]
         # hub.json stays as it was when these are unset
-        for optional in ("metrics", "metrics_token_file", "ha", "private_key_file"):
+        for optional in ("metrics", "metrics_token_file", "ha", "private_key_file",
+                         "registry"):
             if d[optional] is None:
                 del d[optional]
         d["dns"] = [str(x) for x in self.dns]
@@ -286,8 +309,9 @@ def init_state(state_dir: str, settings: HubSettings, *, private_key: bytes | No
         if not settings.private_key_file:
             created.append(private_key_path(state_dir))
             keys.write_secret_file(created[-1], keys.encode_key(private) + "\n")
-        created += [registry_path(state_dir) + suffix for suffix in ("", "-wal", "-shm")]
-        with SqliteRegistry(registry_path(state_dir)) as registry:
+        if not settings.registry:
+            created += [registry_path(state_dir) + suffix for suffix in ("", "-wal", "-shm")]
+        with open_hub_registry(state_dir, settings, create=True) as registry:
             if default_rules:
                 registry.ensure_default_rules(policy.default_rules(settings))
         save_settings(state_dir, settings)
