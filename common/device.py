@@ -3,6 +3,7 @@
     device.receive(datagram, source, now)   a UDP datagram from the network
     device.send(packet, now)                an IP packet read from the tunnel interface
     device.tick(now)                        timers; call a few times a second
+    device.set_standby(True)                a hot standby: sessions gone, nothing answered
 
 Effects accumulate in three lists the caller drains: `net_out` of (datagram, endpoint),
 `tun_out` of IP packets, and `events` of (kind, peer, detail) for logs. Endpoints are opaque
@@ -81,6 +82,9 @@ class Device(Timers):
         self._handshake_window_start = 0.0
         self._handshake_count = 0
         self._under_load_until = -1.0
+        # A hot standby (a second hub behind a shared address) answers nothing: every datagram
+        # and tunnel packet is dropped and counted, and no handshake or keepalive leaves.
+        self.standby = False
         Timers.__init__(self)
 
     def __repr__(self) -> str:
@@ -113,6 +117,23 @@ class Device(Timers):
         peer.staged = ()
         self.disarm(peer)
 
+    def set_standby(self, standby: bool) -> None:
+        """Standby: end every session at once (keys, handshakes in flight, timers, what waits
+        to be sent) and answer nothing until set active again. Either way the next initiation
+        to a peer goes out at once (no REKEY_TIMEOUT left over from before). Endpoints and
+        handshake times stay: they say whom to call back."""
+        self.standby = standby
+        for peer in self.peers.values():
+            if standby:
+                self.zero_key_material(peer)
+                self.disarm(peer)
+                peer.staged = ()
+            peer.last_sent_handshake = None
+            peer.handshake_attempts = 0
+        if standby:
+            self.net_out.clear()
+            self.tun_out.clear()
+
     def _new_index(self) -> int:
         while True:
             index = int.from_bytes(self.rng(4), "little")
@@ -124,6 +145,9 @@ class Device(Timers):
     # -- from the tunnel interface -----------------------------------------------------------
 
     def send(self, packet: Packet, now: float) -> None:
+        if self.standby:
+            self.drops["standby"] += 1
+            return
         peer = self.allowed_ips.lookup_packet_dst(packet)
         if peer is None:
             self.drops["no_route"] += 1
@@ -199,6 +223,8 @@ class Device(Timers):
 
     def initiate(self, peer: Peer, now: float, *, retry: bool = False) -> None:
         """Send a handshake initiation unless one went out less than REKEY_TIMEOUT ago."""
+        if self.standby:
+            return
         if not retry:
             peer.handshake_attempts = 0
         if peer.last_sent_handshake is not None and now - peer.last_sent_handshake < REKEY_TIMEOUT:
@@ -228,6 +254,9 @@ class Device(Timers):
     # -- from the network -------------------------------------------------------------------------
 
     def receive(self, data: Packet, src: Endpoint, now: float) -> None:
+        if self.standby:
+            self.drops["standby"] += 1
+            return
         if len(data) >= _OVERHEAD and data[:4] == _PREFIX:
             self._receive_transport(data, src, now)
             return

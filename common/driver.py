@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import select
@@ -160,6 +161,40 @@ class Driver:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
             else:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+
+    # -- where datagrams leave from -------------------------------------------------------------
+
+    def send_from(self, endpoints: list[Endpoint], address: str) -> int:
+        """Datagrams to these endpoints leave from local `address` (a hub's service address,
+        which it may hold only now) until one arrives from them, which sets the address it came
+        to. Endpoints of the other family are left to the route. Call with the lock held.
+        Returns how many endpoints were set."""
+        ip = ipaddress.ip_address(address)
+        v6 = self.sock.family == socket.AF_INET6
+        if not v6 and ip.version == 6:
+            return 0
+        n = 0
+        for endpoint in endpoints:
+            host = str(endpoint[0])
+            mapped = host.startswith("::ffff:") and "." in host
+            if (ip.version == 4) != (mapped or ":" not in host):
+                continue
+            if v6:
+                raw = (bytes(10) + b"\xff\xff" + ip.packed if ip.version == 4 else ip.packed)
+                cmsg = [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, raw + bytes(4))]
+            else:
+                cmsg = [(socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=I4s4s", 0, ip.packed,
+                                                                    bytes(4)))]
+            self._seen_local.pop(endpoint, None)
+            self._reply_from[endpoint] = cmsg
+            n += 1
+        return n
+
+    def forget_sources(self) -> None:
+        """Forget every endpoint's source address (a hub that gave up its service address).
+        Call with the lock held."""
+        self._seen_local.clear()
+        self._reply_from.clear()
 
     # -- the data-plane thread -------------------------------------------------------------------
 

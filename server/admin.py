@@ -108,6 +108,9 @@ def cmd_init(args) -> int:
         interface=args.interface, mtu=args.mtu, egress=args.egress, dns=_csv(args.dns),
         routes=_csv(args.route), allow_peer_to_peer=args.allow_peer_to_peer,
         metrics=args.metrics, metrics_token_file=args.metrics_token_file,
+        private_key_file=os.path.abspath(args.key_file) if args.key_file else None,
+        ha={"service_address": args.service_address,
+            "start_as": args.start_as} if args.service_address else None,
         registry=args.registry)
     _check_interfaces(settings)
     public = state.init_state(args.state_dir, settings)
@@ -400,7 +403,7 @@ def cmd_list_peers(args) -> int:
 
 def cmd_show(args) -> int:
     sock = state.socket_path(args.state_dir)
-    _, registry = _open(args)
+    settings, registry = _open(args)
     with registry:
         records = registry.list()
     now = time.time()
@@ -418,7 +421,15 @@ def cmd_show(args) -> int:
         peers.append({**row, "state": _state(r, now), "expires": r.expires})
     if args.json:
         print(json.dumps(peers, indent=2))
-    elif peers:
+        return 0
+    if settings.ha and live is not None:
+        try:
+            role = dict(control.request(sock, [("ha", "status")])).get("role")
+        except control.ControlError:
+            role = None
+        print(f"role: {role or 'unknown'} (hot standby, service address"
+              f" {settings.ha['service_address']})")
+    if peers:
         sys.stdout.write(_table(
             ["NAME", "PUBLIC KEY", "ADDRESS", "ENDPOINT", "LATEST HANDSHAKE", "RECEIVED", "SENT"],
             [[p["name"] + ("" if p["state"] == "enabled" else f" ({p['state']})"),
@@ -834,6 +845,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="networks behind the hub that laptops should reach")
     sp.add_argument("--allow-peer-to-peer", action="store_true",
                     help="let peers reach each other through the hub")
+    sp.add_argument("--key-file", metavar="FILE",
+                    help="use the hub key in FILE (mode 0600) instead of making one: the second"
+                         " hub of a hot-standby pair names the key file both hosts hold")
+    sp.add_argument("--service-address", metavar="ADDR",
+                    help="hot standby: the address keepalived moves between two hubs (laptops"
+                         " dial it); the hub's role then follows pytun-admin ha")
+    sp.add_argument("--start-as", choices=state.HA_ROLES, default="standby",
+                    help="hot standby: the role until keepalived says (default standby)")
     sp.add_argument("--under-load", type=int, default=state.DEFAULT_UNDER_LOAD,
                     metavar="PER_SECOND",
                     help="handshake messages a second above which the hub answers with cookies "

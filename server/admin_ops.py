@@ -1,4 +1,5 @@
-"""pytun-admin commands for operations: `metrics` (where the hub serves Prometheus metrics)."""
+"""pytun-admin commands for operations: `metrics` (where the hub serves Prometheus metrics),
+`doctor`, `audit`, and `ha` (the hot-standby role keepalived's notify hook sets)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,28 @@ def cmd_doctor(args) -> int:
     return 1 if any(c.status == doctor.FAIL for c in checks) else 0
 
 
+HA_STATES = ("master", "backup", "fault", "stop", "status")
+
+
+def cmd_ha(args) -> int:
+    from ..common import control
+    settings = state.load_settings(args.state_dir)
+    if settings.ha is None:
+        raise OpsError("hot standby is off: hub.json has no ha setting (see README, Hot"
+                       " standby)")
+    try:
+        pairs = dict(control.request(state.socket_path(args.state_dir),
+                                     [("ha", args.state)]))
+    except control.HubNotRunning:
+        raise OpsError("hub not running; it starts as "
+                       f"{settings.ha['start_as']} (ha.start_as in hub.json)") from None
+    except control.ControlError as exc:
+        raise OpsError(str(exc)) from None
+    print(f"role: {pairs.get('role')}, service address {pairs.get('service_address')},"
+          f" {pairs.get('standby_drops', '0')} datagrams dropped while standby")
+    return 0
+
+
 def audited(args, argv: list[str]):
     """args.fn wrapped so that what it changes goes to the audit log (audit.py)."""
     from . import audit
@@ -96,6 +119,11 @@ def add_commands(add) -> None:
     sp.add_argument("--since", metavar="TIME", help="a duration back (2h, 7d) or a time"
                     " (2026-12-01T00:00:00Z)")
     sp.add_argument("--json", action="store_true")
+    sp = add("ha", cmd_ha, "hot standby: set the running hub's role (keepalived's notify hook"
+             " calls it) or show it")
+    sp.add_argument("state", choices=HA_STATES, nargs="?", default="status",
+                    help="master: take over and call laptops back; backup, fault, stop: end"
+                         " every session and answer nothing; status (default): show the role")
     sp = add("doctor", cmd_doctor, "check the host and the hub: PASS, WARN or FAIL with the fix"
              " (exit 1 on a FAIL)")
     sp.add_argument("--json", action="store_true")

@@ -165,8 +165,9 @@ def wrap(fn, state_dir: str, argv: list[str], command: str):
     return audited
 
 
+# `ha` changes only the running hub's role (keepalived's hook; the hub logs it), nothing stored.
 READ_ONLY = {"list-peers", "show", "doctor", "audit", "access list", "access explain",
-             "group list"}
+             "group list", "ha"}
 
 
 def describe(change: dict) -> str:

@@ -197,7 +197,7 @@ def check_state_modes(state_dir: str, registry_file: bool = True) -> list[Check]
     """`registry_file`: False when the registry is in PostgreSQL (no file to check)."""
     out = []
     paths = [(state_dir, 0o700, "state directory"),
-             (state.private_key_path(state_dir), 0o600, "private key")]
+             (state.key_path(state_dir), 0o600, "private key")]
     if registry_file:
         paths.append((state.registry_path(state_dir), 0o600, "registry"))
     for path, want, what in paths:

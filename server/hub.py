@@ -11,6 +11,13 @@ key, in a transaction each. A laptop that changes source port with every datagra
 one row a second, and one log line per LOG_EVERY. The timestamps (per public key, in the
 registry) keep a captured initiation refused after the peer is removed and added again,
 disabled and enabled, or the hub restarts.
+
+Hot standby (settings `ha`): two hubs share the key, the registry and a service address that
+keepalived moves between them; its notify hook sets the role (`ha=master|backup|fault` on the
+control socket, `pytun-admin ha ...`). The standby keeps its TUN device, rules and socket up
+and answers nothing (Device.set_standby). Becoming active, a hub takes the endpoints and
+handshake times the other one wrote to the registry and calls back every laptop seen within
+REDIAL_WITHIN, from the service address, so laptops need not wait for their own retry.
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ REGISTRY_POLL = 1.0
 REDIAL_WITHIN = 600.0  # after a restart, re-dial laptops seen in the last ten minutes
 RECORD_EVERY = 300  # seconds between stored handshake times of a laptop that stays put
 FIREWALL_RETRY = 5.0  # seconds before a failed live firewall change is tried again
+# keepalived's states, as its notify hook passes them on (deploy/keepalived/pytun-notify)
+HA_ROLES = {"master": "active", "active": "active", "backup": "standby",
+            "fault": "standby", "stop": "standby", "standby": "standby"}
 
 
 class StartupError(PytunError):
@@ -92,6 +102,10 @@ class Hub:
         # Enrollment by invite: datagrams of its type reach the enroller (server/invites.py).
         self.enroller = invites.Enroller(self)
         self.device.other_handler = self.enroller.on_datagram
+        # Hot standby: "active" or "standby"; a hub without the ha setting is always active.
+        self.role = settings.ha["start_as"] if settings.ha else "active"
+        if self.role == "standby":
+            self.device.set_standby(True)
 
     # -- registry ------------------------------------------------------------------------------
 
@@ -207,6 +221,9 @@ class Hub:
                 log.info("peer %s added (%s)", name, ", ".join(map(str, record.addresses)))
                 # A laptop seen lately is called at once, not left to its own next retry.
                 self._call_back(engine_peer, self.driver.now(), time.time())
+                if self.settings.ha and engine_peer.last_sent_handshake is not None:
+                    self.driver.send_from([engine_peer.endpoint],
+                                          self.settings.ha["service_address"])
         return added, removed
 
     def _add(self, record, stored: dict[str, bytes]) -> None:
@@ -244,10 +261,87 @@ class Hub:
         if engine_peer.endpoint is not None and seen and wall - seen < REDIAL_WITHIN:
             self.device.initiate(engine_peer, now)
 
-    def _redial(self, now: float, wall: float) -> None:
-        """Start handshakes to laptops that were connected before a restart."""
+    def _redial(self, now: float, wall: float, driver: Driver | None = None) -> int:
+        """Start handshakes to laptops that were connected before a restart (or before the
+        other hub of a standby pair gave up the service address); with `ha`, from the service
+        address. Returns how many were called."""
+        called = []
         for _, engine_peer in self.peers.values():
+            sent = engine_peer.last_sent_handshake
             self._call_back(engine_peer, now, wall)
+            if engine_peer.last_sent_handshake != sent:
+                called.append(engine_peer.endpoint)
+        if driver is not None and self.settings.ha and called:
+            driver.send_from(called, self.settings.ha["service_address"])
+        return len(called)
+
+    # -- hot standby ----------------------------------------------------------------------------
+
+    def set_role(self, role: str) -> None:
+        """"active" or "standby" (keepalived's MASTER, or BACKUP/FAULT/STOP). Standby ends every
+        session at once and answers nothing; active takes the registry's endpoints (the other
+        hub wrote them) and calls back the laptops seen within REDIAL_WITHIN."""
+        if self.settings.ha is None:
+            raise control.ControlError("this hub has no ha setting in hub.json (hot standby"
+                                       " is off)")
+        if role == self.role:
+            return
+        if role == "standby":
+            with self._device():
+                sessions = sum(1 for _, p in self.peers.values() if p.current is not None)
+                self.device.set_standby(True)
+                if self.driver is not None:
+                    self.driver.forget_sources()
+                self.role = role
+            log.info("ha: standby: %d sessions ended, answering nothing", sessions)
+            return
+        try:
+            records = self.registry.list()
+            stored = self._load_timestamps()
+        except RegistryError as exc:  # still take over, with what this hub saw itself
+            log.warning("ha: registry not read (%s): calling back the laptops this hub saw",
+                        exc)
+            records, stored = [], {}
+        with self._device():
+            taken = self._take_endpoints(records, stored)
+            self.device.set_standby(False)
+            self.role = role
+            driver = self.driver
+            now = driver.now() if driver is not None else self.clock()
+            called = self._redial(now, time.time(), driver)
+        log.info("ha: active: %d endpoints from the registry, calling back %d laptops from %s",
+                 taken, called, self.settings.ha["service_address"])
+
+    def _take_endpoints(self, records, stored: dict[str, bytes]) -> int:
+        """Endpoints and handshake times newer than this hub's own, and the greatest handshake
+        timestamps (a captured initiation stays refused here too). Under the device lock."""
+        taken = 0
+        for r in records:
+            entry = self.peers.get(r.name)
+            if entry is None:
+                continue
+            spec, p = entry
+            ts = stored.get(spec[0], b"")
+            if ts > p.greatest_timestamp:
+                p.greatest_timestamp = ts
+            if not r.endpoint or not r.last_handshake or self.sock is None or \
+                    r.last_handshake <= (p.last_handshake_wall or 0):
+                continue
+            try:
+                p.endpoint = Endpoint.parse(r.endpoint).sockaddr(self.sock.family)
+            except ValueError:
+                continue
+            p.last_handshake_wall = r.last_handshake
+            self._recorded[r.name] = (r.endpoint, r.last_handshake)
+            taken += 1
+        return taken
+
+    def ha_status(self) -> list[tuple[str, str]]:
+        with self._device() as device:
+            dropped = device.drops.get("standby", 0)
+        return [("role", self.role),
+                ("service_address", (self.settings.ha or {}).get("service_address", "")),
+                ("standby_drops", str(dropped))]
 
     # -- events and control ---------------------------------------------------------------------
 
@@ -399,6 +493,15 @@ class Hub:
             with self._device() as device:
                 drops = sorted(device.drops.items())
             return [(f"drop_{reason}", str(n)) for reason, n in drops]
+        if keys_ == ["ha"]:
+            want = pairs[0][1]
+            if want != "status":
+                role = HA_ROLES.get(want)
+                if role is None:
+                    raise control.ControlError(f"ha={want!r}: give master, backup, fault, stop"
+                                               " or status")
+                self.set_role(role)
+            return self.ha_status()
         if keys_ == ["sync"]:
             try:
                 self.sync()
@@ -454,7 +557,7 @@ class Hub:
                     raise StartupError(f"firewall set-up failed: {exc}") from None
                 self.applied[family] = plan
             driver = link.driver(self.device, self.on_event)
-            self._redial(driver.now(), time.time())
+            self._redial(driver.now(), time.time(), driver)
             self.ops.prepare(driver)
             try:
                 self.ops.start_metrics()
@@ -469,8 +572,9 @@ class Hub:
                 self._firewall_changed = trio.Event()
                 nursery.start_soon(self._firewall_loop)
                 nursery.start_soon(self.ops.run)
-                log.info("hub up: %s %s, UDP port %d, %d peers", ifname,
-                         ", ".join(map(str, s.addresses)), s.listen_port, len(self.peers))
+                log.info("hub up: %s %s, UDP port %d, %d peers%s", ifname,
+                         ", ".join(map(str, s.addresses)), s.listen_port, len(self.peers),
+                         f", {self.role} (hot standby pair)" if s.ha else "")
                 self.ops.ready()
                 task_status.started()
                 async for signum in signals:

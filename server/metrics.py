@@ -70,6 +70,7 @@ FAMILIES = {
     "pytun_io_errors_total": "failed reads and writes on the UDP socket and the TUN device",
     "pytun_build_info": "the running pytun's version",
     "pytun_peer_expiry_timestamp_seconds": "Unix time a peer expires at (peers that expire)",
+    "pytun_ha_active": "hot standby pair: 1 while this hub holds the service address, 0 standby",
 }
 
 
@@ -281,6 +282,9 @@ class HubCollector:
         yield GaugeMetricFamily("pytun_under_load", FAMILIES["pytun_under_load"],
                                 value=1 if device.under_load(now) else 0)
         yield io
+        if getattr(hub.settings, "ha", None):
+            yield GaugeMetricFamily("pytun_ha_active", FAMILIES["pytun_ha_active"],
+                                    value=1 if getattr(hub, "role", "active") == "active" else 0)
         build = InfoMetricFamily("pytun_build", FAMILIES["pytun_build_info"],
                                  labels=["interface"])
         build.add_metric([hub.settings.interface], {"version": __version__})

@@ -1,7 +1,8 @@
 """The hub's state directory (mode 0700):
 
     hub.json      settings (HubSettings), written by `pytun-admin init`
-    private.key   the hub's X25519 private key, base64, mode 0600
+    private.key   the hub's X25519 private key, base64, mode 0600 (unless hub.json names a
+                  `private_key_file` elsewhere: a hot-standby pair shares one key file)
     registry.db   the peer registry (SQLite), mode 0600; absent when hub.json names a
                   PostgreSQL registry (`registry`) that several hubs share
     control.sock  the running hub's control socket, mode 0600
@@ -35,6 +36,7 @@ CONTROL_SOCKET = "control.sock"
 SETTINGS_VERSION = 1
 DEFAULT_EXPIRY_WARNING = 3 * 86400
 DEFAULT_UNDER_LOAD = 1000  # handshake messages a second
+HA_ROLES = ("standby", "active")
 
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
@@ -106,6 +108,28 @@ def _check_metrics(settings) -> None:
         raise StateError(f"metrics token file {token!r}: give an absolute path")
 
 
+def _check_ha(ha) -> dict | None:
+    """The `ha` setting, complete: {"service_address": "<address>", "start_as": "standby"}."""
+    if ha is None:
+        return None
+    if not isinstance(ha, dict):
+        raise StateError('ha must be an object: {"service_address": "192.0.2.1",'
+                         ' "start_as": "standby"}')
+    unknown = sorted(set(ha) - {"service_address", "start_as"})
+    if unknown:
+        raise StateError(f"ha: unknown setting {unknown[0]!r}")
+    if "service_address" not in ha:
+        raise StateError("ha: missing setting 'service_address' (the address keepalived moves)")
+    try:
+        address = ipaddress.ip_address(str(ha["service_address"]))
+    except ValueError:
+        raise StateError(f"ha: bad service address {ha['service_address']!r}") from None
+    start_as = ha.get("start_as", "standby")
+    if start_as not in HA_ROLES:
+        raise StateError(f"ha: start_as must be standby or active, not {start_as!r}")
+    return {"service_address": str(address), "start_as": start_as}
+
+
 @dataclass
 class HubSettings:
     subnet: IPv4Network | IPv6Network
@@ -122,6 +146,10 @@ class HubSettings:
     allow_peer_to_peer: bool = False
     subnet6: IPv6Network | None = None  # dual stack: the IPv6 subnet beside an IPv4 `subnet`
     expiry_warning: int = DEFAULT_EXPIRY_WARNING  # seconds before a peer's expiry: a warning
+    # Hot standby (keepalived moves `service_address` between two hubs; see deploy/keepalived):
+    # {"service_address": "192.0.2.1", "start_as": "standby"}
+    ha: dict | None = None
+    private_key_file: str | None = None  # the hub key outside the state dir (0600), shared
     # A PostgreSQL registry's URL (postgresql://...); None: registry.db in the state directory.
     # It may hold a password, so it stays out of repr (and the logs): mask() shows it.
     registry: str | None = field(default=None, repr=False)
@@ -167,6 +195,10 @@ class HubSettings:
         if not isinstance(self.expiry_warning, int) or not 0 <= self.expiry_warning <= 10**9:
             raise StateError(f"expiry warning must be 0 or more seconds, not"
                              f" {self.expiry_warning!r}")
+        self.ha = _check_ha(self.ha)
+        if self.private_key_file is not None and not os.path.isabs(str(self.private_key_file)):
+            raise StateError(f"private key file {self.private_key_file!r}: give an absolute"
+                             " path")
         if (not isinstance(self.under_load_threshold, int)
                 or isinstance(self.under_load_threshold, bool)
                 or not 1 <= self.under_load_threshold <= 1_000_000):
@@ -199,7 +231,8 @@ class HubSettings:
         else:
             del d["subnet6"]
         # hub.json stays as it was when these are unset
-        for optional in ("metrics", "metrics_token_file", "registry"):
+        for optional in ("metrics", "metrics_token_file", "ha", "private_key_file",
+                         "registry"):
             if d[optional] is None:
                 del d[optional]
         d["dns"] = [str(x) for x in self.dns]
@@ -256,10 +289,14 @@ def save_settings(state_dir: str, settings: HubSettings) -> None:
 
 def init_state(state_dir: str, settings: HubSettings, *, private_key: bytes | None = None,
                default_rules: bool = True) -> str:
-    """Create the state directory, the hub key pair and an empty registry.
+    """Create the state directory, the hub key pair and an empty registry. With
+    `settings.private_key_file` the key is that file's (which must exist, mode 0600), and
+    none is written here: a second hub of a hot-standby pair.
 
     Returns the hub's public key (base64). Refuses a directory that already holds state.
     """
+    if settings.private_key_file:
+        private_key = read_key_file(str(settings.private_key_file))
     for name in (SETTINGS_FILE, PRIVATE_KEY_FILE, REGISTRY_FILE):
         if os.path.exists(os.path.join(state_dir, name)):
             raise StateError(f"{state_dir} is already initialised; refusing to overwrite"
@@ -269,8 +306,9 @@ def init_state(state_dir: str, settings: HubSettings, *, private_key: bytes | No
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         os.chmod(state_dir, 0o700)
         private = private_key if private_key is not None else keys.generate_private()
-        created.append(private_key_path(state_dir))
-        keys.write_secret_file(created[-1], keys.encode_key(private) + "\n")
+        if not settings.private_key_file:
+            created.append(private_key_path(state_dir))
+            keys.write_secret_file(created[-1], keys.encode_key(private) + "\n")
         if not settings.registry:
             created += [registry_path(state_dir) + suffix for suffix in ("", "-wal", "-shm")]
         with open_hub_registry(state_dir, settings, create=True) as registry:
@@ -287,21 +325,38 @@ def init_state(state_dir: str, settings: HubSettings, *, private_key: bytes | No
     return keys.encode_key(keys.public_from_private(private))
 
 
-def load_private_key(state_dir: str) -> bytes:
-    """The hub's private key. Refuses a key file that others could read."""
-    path = private_key_path(state_dir)
+def key_path(state_dir: str, settings: HubSettings | None = None) -> str:
+    """Where the hub's private key is: the file hub.json names, else private.key."""
+    if settings is None:
+        try:
+            settings = load_settings(state_dir)
+        except StateError:
+            settings = None
+    if settings is not None and settings.private_key_file:
+        return str(settings.private_key_file)
+    return private_key_path(state_dir)
+
+
+def read_key_file(path: str, what: str = "hub private key") -> bytes:
+    """A private key from a file no one else may read."""
     try:
         text = files.read_private(path)
-    except FileNotFoundError:
-        raise StateError(f"no hub private key in {state_dir}; run pytun-admin init first") from None
     except files.ExposedFile as exc:
         raise StateError(str(exc)) from None
     except OSError as exc:
         raise StateError(f"cannot read {path}: {exc.strerror}") from None
     try:
-        return keys.parse_private(text, "hub private key")
+        return keys.parse_private(text, what)
     except keys.BadKey as exc:
         raise StateError(f"{path}: {exc}") from None
+
+
+def load_private_key(state_dir: str) -> bytes:
+    """The hub's private key. Refuses a key file that others could read."""
+    path = key_path(state_dir)
+    if path == private_key_path(state_dir) and not os.path.exists(path):
+        raise StateError(f"no hub private key in {state_dir}; run pytun-admin init first")
+    return read_key_file(path)
 
 
 def public_key(state_dir: str) -> str:
