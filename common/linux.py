@@ -187,6 +187,19 @@ def link_exists(ifname: str) -> bool:
         return bool(ipr.link_lookup(ifname=check_ifname(ifname)))
 
 
+def has_address(address: str) -> bool:
+    """True when `address` is assigned to an interface here (keepalived's service address
+    on its master, say)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    wanted = ipaddress.ip_address(address)
+    with _netlink("cannot list addresses") as ipr:
+        for a in ipr.get_addr(family=family):
+            local = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
+            if local is not None and ipaddress.ip_address(local) == wanted:
+                return True
+    return False
+
+
 def link_kind(ifname: str) -> str | None:
     """'tun', 'veth', 'bridge', ... for an existing interface, '' for one without a kind
     (e.g. a physical NIC), None when there is no such interface."""

@@ -312,6 +312,13 @@ class Hub:
         log.info("ha: active: %d endpoints from the registry, calling back %d laptops from %s",
                  taken, called, self.settings.ha["service_address"])
 
+    def _holds_service_address(self) -> bool:
+        try:
+            return bool(linux.run_apart(linux.has_address, self.settings.ha["service_address"]))
+        except linux.LinuxError as exc:
+            log.warning("ha: cannot tell whether this host holds the service address: %s", exc)
+            return False
+
     def _take_endpoints(self, records, stored: dict[str, bytes]) -> int:
         """Endpoints and handshake times newer than this hub's own, and the greatest handshake
         timestamps (a captured initiation stays refused here too). Under the device lock."""
@@ -556,6 +563,13 @@ class Hub:
                 except (nat.NatError, linux.LinuxError) as exc:
                     raise StartupError(f"firewall set-up failed: {exc}") from None
                 self.applied[family] = plan
+            if s.ha and self.role == "standby" and self._holds_service_address():
+                # keepalived made this host master while the hub was not running (a restart
+                # of the hub alone, or the hub started after keepalived): its hook was lost.
+                self.role = "active"
+                self.device.set_standby(False)
+                log.info("ha: active: this host holds the service address %s",
+                         s.ha["service_address"])
             driver = link.driver(self.device, self.on_event)
             self._redial(driver.now(), time.time(), driver)
             self.ops.prepare(driver)

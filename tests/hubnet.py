@@ -36,7 +36,7 @@ class HubProcess:
 
     def __init__(self, ns: Netns, tmp_path, *, init_args=(), name: str = "hub",
                  ifname: str | None = None):
-        self.ns = ns
+        self.ns, self.name = ns, name
         self.state_dir = str(tmp_path / f"{name}-state")
         self.log_path = tmp_path / f"{name}.log"
         self.ifname = ifname or unique("pt")

@@ -1,5 +1,6 @@
-"""Hot standby with real keepalived: two hubs share a key file, one SQLite registry and the
-service address 192.0.2.1 that VRRP moves between them; laptops dial only that address.
+"""Hot standby with real keepalived: two hubs share a key file, one PostgreSQL registry (in a
+namespace of its own, pg 203.0.113.3) and the service address 192.0.2.1 that VRRP moves
+between them; laptops dial only that address.
 
                       +--------------- switch: bridge ---------------+
                       |                                              |
@@ -12,12 +13,15 @@ service address 192.0.2.1 that VRRP moves between them; laptops dial only that a
 Each hub runs keepalived in its namespace (`keepalived -s NETNS`) with deploy/keepalived's
 notify hook, which sets the hub's role through pytun-admin ha. The laptops change nothing.
 
-1. Hub A dies (its link goes down and the hub is killed -9): hub B takes the address, calls
-   both laptops back from it, and both ping and move a transfer again within 5 s; `show` on B
-   lists them with fresh handshakes.
-2. Hub A comes back (started as standby, link up): it takes the address back (preemption),
-   both laptops are back within 5 s, and a capture in each laptop's namespace shows that no
-   datagram came from B's MAC address after the first one from A's: never both hubs at once.
+1. Host A dies (its link goes down, the hub is killed -9, keepalived stops): hub B takes the
+   address, calls both laptops back from it, and both ping and move a transfer again within
+   5 s; `show` on B lists them with fresh handshakes.
+2. Host A comes back (link, hub as standby, then keepalived): it takes the address back
+   (preemption), both laptops are back within 5 s, and a capture in each laptop's namespace
+   shows that no datagram came from B's MAC address after the first one from A's: never both
+   hubs at once.
+3. Hub A's process alone restarts on the master: no hook comes, but it finds the service
+   address on its host, starts active and calls the laptops back; back within 5 s.
 """
 
 from __future__ import annotations
@@ -26,16 +30,19 @@ import json
 import os
 import re
 import shutil
-import sqlite3
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-from .conftest import require_tools
-from .hubnet import OurLaptop, WgGoLaptop
-from .netns import Netns, ping, topology, unique, wait_until  # noqa: F401 (fixture)
+from . import pgserver
+from .conftest import require_tools, skip_or_fail
+from pytun.server.registry import open_registry
+
+from .hubnet import HubProcess, OurLaptop, WgGoLaptop
+from .netns import Netns, ping, topology, wait_until  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.netns
 
@@ -87,50 +94,38 @@ vrrp_instance pytun {{
 """
 
 
-class HaHub:
+class HaHub(HubProcess):
+    """A hub host on the switch: its namespace, one veth on the bridge, pytun-server
+    initialised for the shared key, registry and service address, and keepalived."""
+
     def __init__(self, topo, switch: Netns, tmp_path, name: str, last: int, key_file: str,
-                 priority: int):
-        self.name, self.tmp_path, self.priority = name, tmp_path, priority
-        self.ns = topo.netns(f"ha{name}")
-        self.dev, port = topo.veth(self.ns, [f"192.0.2.{last}/24", f"203.0.113.{9 + last}/24"],
+                 registry: str, priority: int):
+        self.tmp_path, self.priority = tmp_path, priority
+        ns = topo.netns(f"ha{name}")
+        self.dev, port = topo.veth(ns, [f"192.0.2.{last}/24", f"203.0.113.{9 + last}/24"],
                                    switch, None)
         switch.run("ip", "link", "set", port, "master", "br0")
-        self.ns.run("ip", "route", "add", "default", "via", "203.0.113.2")
-        self.mac = json.loads(self.ns.run("ip", "-j", "link", "show", self.dev).stdout)[0][
+        ns.run("ip", "route", "add", "default", "via", "203.0.113.2")
+        self.mac = json.loads(ns.run("ip", "-j", "link", "show", self.dev).stdout)[0][
             "address"].replace(":", "")
-        self.state_dir = str(tmp_path / f"{name}-state")
-        self.log_path = tmp_path / f"{name}.log"
-        self.proc = None
         self.keepalived = None
-        self.admin("init", "--subnet", "10.77.0.0/24", "--endpoint", f"{SERVICE}:51820",
-                   "--interface", unique("pt"), "--egress", self.dev, "--key-file", key_file,
-                   "--service-address", SERVICE)
+        super().__init__(ns, tmp_path, name=name, init_args=(
+            "--subnet", "10.77.0.0/24", "--endpoint", f"{SERVICE}:51820", "--egress", self.dev,
+            "--key-file", key_file, "--service-address", SERVICE, "--registry", registry))
 
-    def admin(self, *args, check=True):
-        return self.ns.run([PY, "-m", "pytun.server.admin", "--state-dir", self.state_dir,
-                            *map(str, args)], check=check)
-
-    def start(self) -> None:
-        with open(self.log_path, "a") as log:
-            self.proc = self.ns.popen([PY, "-m", "pytun.server.main", "--state-dir",
-                                       self.state_dir], stdout=log, stderr=subprocess.STDOUT)
-        wait_until(lambda: self.role() is not None, timeout=20,
-                   what=f"hub {self.name} to answer ({self.log_path})")
+    def start(self, timeout: float = 20.0) -> float:
+        took = super().start(timeout)
+        assert self.role() is not None
+        return took
 
     def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-        self.ns.procs.remove(self.proc)
-        self.proc = None
+        self.stop(signal.SIGKILL)
 
     def role(self) -> str | None:
         if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"hub {self.name} exited:\n{self.log_path.read_text()}")
+            raise AssertionError(f"hub {self.name} exited:\n{self.log()}")
         done = self.admin("ha", check=False)
         return done.stdout.split(",")[0].removeprefix("role: ") if done.returncode == 0 else None
-
-    def show(self) -> dict:
-        return {r["name"]: r for r in json.loads(self.admin("show", "--json").stdout)}
 
     def start_keepalived(self, admin: str) -> None:
         conf = self.tmp_path / f"keepalived-{self.name}.conf"
@@ -144,6 +139,13 @@ class HaHub:
                  str(conf)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
         self.ns.procs.append(self.keepalived)  # stopped by PID with the namespace
+
+    def stop_keepalived(self) -> None:
+        """As at a host's shutdown: keepalived resigns and removes the service address."""
+        self.keepalived.terminate()
+        self.keepalived.wait(15)
+        self.ns.procs.remove(self.keepalived)
+        self.keepalived = None
 
     def link(self, up: bool) -> None:
         self.ns.run("ip", "link", "set", self.dev, "up" if up else "down")
@@ -170,13 +172,10 @@ class Pinger:
         return max((b - a for a, b in zip(times, times[1:])), default=end - start)
 
 
-def _rows(hub) -> list[tuple]:
-    db = sqlite3.connect(f"file:{os.path.join(hub.state_dir, 'registry.db')}?mode=ro", uri=True,
-                         timeout=10)
-    try:
-        return db.execute("SELECT name, endpoint, last_handshake FROM peers").fetchall()
-    finally:
-        db.close()
+def _peers(url: str) -> list:
+    """The shared registry's peers, read the test's own way (the unix socket)."""
+    with open_registry(url, create=False) as registry:
+        return registry.list()
 
 
 def _transfer(ns: Netns) -> None:
@@ -195,6 +194,8 @@ def _captured(path) -> list[tuple[float, str]]:
 def test_laptops_follow_the_service_address_to_the_standby_and_back(topology, tmp_path,
                                                                      netns_ok, request):
     require_tools("keepalived", "wireguard-go", "wg", "iperf3", "ping")
+    if pgserver.missing():
+        skip_or_fail(pgserver.missing())
     switch = topology.netns("sw")
     switch.run("ip", "link", "add", "br0", "type", "bridge")
     switch.run("ip", "link", "set", "br0", "up")
@@ -202,21 +203,23 @@ def test_laptops_follow_the_service_address_to_the_standby_and_back(topology, tm
     _, port = topology.veth(inet, "203.0.113.2/24", switch, None)
     switch.run("ip", "link", "set", port, "master", "br0")
 
-    # One key file both hosts hold (0600), one registry file both hubs open.
+    # PostgreSQL in a namespace of its own on the same switch: the registry both hubs share.
+    pg_ns = topology.netns("pg")
+    _, port = topology.veth(pg_ns, "203.0.113.3/24", switch, None)
+    switch.run("ip", "link", "set", port, "master", "br0")
+    pg = pgserver.PgServer(netns=pg_ns, listen="203.0.113.3")
+    request.addfinalizer(pg.close)
+    pg.setup()
+    local_url = pg.create_database()
+    # One key file both hosts hold (0600).
     from pytun.common import keys
     key_file = str(tmp_path / "hub.key")
     keys.write_secret_file(key_file, keys.encode_key(keys.generate_private()) + "\n")
-    a = HaHub(topology, switch, tmp_path, "a", 2, key_file, priority=150)
-    b = HaHub(topology, switch, tmp_path, "b", 3, key_file, priority=100)
+    a = HaHub(topology, switch, tmp_path, "a", 2, key_file, pg.tcp_url(local_url), priority=150)
+    b = HaHub(topology, switch, tmp_path, "b", 3, key_file, pg.tcp_url(local_url), priority=100)
     for hub in (a, b):  # after the namespaces (and keepalived with them) are gone
         request.addfinalizer(lambda ns=hub.ns.name: shutil.rmtree(f"/run/keepalived/{ns}",
                                                                   ignore_errors=True))
-    for suffix in ("", "-wal", "-shm"):
-        path = os.path.join(b.state_dir, "registry.db" + suffix)
-        if os.path.exists(path):
-            os.unlink(path)
-    os.symlink(os.path.join(a.state_dir, "registry.db"), os.path.join(b.state_dir,
-                                                                      "registry.db"))
     alice = a.admin("add-peer", "alice", "--keepalive", "0").stdout
     bob = a.admin("add-peer", "bob").stdout
     a.admin("access", "add", "everyone", "hub", "tcp/5201")
@@ -255,15 +258,16 @@ def test_laptops_follow_the_service_address_to_the_standby_and_back(topology, tm
     for ns in laptops.values():
         wait_until(lambda: _try(_transfer, ns), timeout=15, what="a first transfer")
     # The active hub writes endpoints behind, at most once a second: wait until it has.
-    wait_until(lambda: all(e for _, e, _ in _rows(a)), timeout=10,
+    wait_until(lambda: all(p.endpoint for p in _peers(local_url)), timeout=10,
                what="both endpoints in the registry")
     pingers = {name: Pinger(ns, tmp_path / f"ping-{name}.txt") for name, ns in laptops.items()}
 
-    # 1. Hub A dies: its link goes down and the process is killed; nothing changes on laptops.
+    # 1. Host A dies: its link goes down, the hub is killed; nothing changes on laptops.
     wall_fail = time.time()
     a.link(False)
     a.kill()
     dead = time.time()  # no answer from hub A after this
+    a.stop_keepalived()  # the rest of the host goes too (its link is down: nothing is sent)
     wait_until(lambda: all(p.replies(after=dead) for p in pingers.values()), timeout=30,
                what="both laptops through hub B")
     failover = {name: p.replies(after=dead)[0] - wall_fail for name, p in pingers.items()}
@@ -275,10 +279,13 @@ def test_laptops_follow_the_service_address_to_the_standby_and_back(topology, tm
     for ns in laptops.values():
         _transfer(ns)
 
-    # 2. Hub A comes back as standby; keepalived gives it the address back.
-    a.start()
-    wall_back = time.time()
+    # 2. Host A comes back: its link, then the hub (standby: it does not hold the address),
+    # then keepalived, which takes the address back (preemption) and makes the hub active.
     a.link(True)
+    a.start()
+    assert a.role() == "standby"
+    wall_back = time.time()
+    a.start_keepalived(str(admin))
     wait_until(lambda: a.role() == "active" and b.role() == "standby", timeout=10,
                what="hub A master, hub B standby")
     wait_until(lambda: all(any(t > wall_back and mac == a.mac for t, mac in _captured(p))
@@ -295,6 +302,18 @@ def test_laptops_follow_the_service_address_to_the_standby_and_back(topology, tm
         assert rows[name]["latest_handshake"] >= int(wall_back), rows[name]
     print(f"\nback after hub A died: {_fmt(failover)}; after it returned: {_fmt(failback)}")
 
+    # 3. The hub alone restarts on the master (keepalived holds the address meanwhile, so no
+    # hook comes): it sees the service address is here and starts active, calling laptops back.
+    wall_restart = time.time()
+    a.kill()
+    a.start()
+    assert a.role() == "active" and b.role() == "standby"
+    restarted = time.time()
+    wait_until(lambda: all(p.replies(after=restarted) for p in pingers.values()), timeout=10,
+               what="both laptops through the restarted hub A")
+    restart = {name: p.longest_gap(wall_restart - 1, time.time()) for name, p in pingers.items()}
+    print(f"back after hub A's process alone restarted: {_fmt(restart)}")
+
     # Never both: per laptop, B's last datagram came before A's first after A returned.
     for name, path in captures.items():
         seen = _captured(path)
@@ -307,7 +326,7 @@ def test_laptops_follow_the_service_address_to_the_standby_and_back(topology, tm
             f"{name}: hub B sent {sum(t >= first_a for t in from_b)} datagrams after hub A's"
             f" first ({max(from_b) - first_a:.3f} s later)")
         assert not [t for t in from_b if t < wall_fail], "hub B sent while standby"
-    for name, back in (("failover", failover), ("failback", failback)):
+    for name, back in (("failover", failover), ("failback", failback), ("restart", restart)):
         worst = max(back.values())
         assert worst < BACK_WITHIN, f"{name}: laptops back after {_fmt(back)}"
 
