@@ -1,0 +1,154 @@
+"""Cut the TUN device's large packets back into tunnel-sized ones (TUN offload on read).
+
+With offload on (linux.set_tun_offload: TUNSETOFFLOAD with checksum, TSO and, on Linux 6.2+,
+USO), the kernel's TCP and UDP stacks hand the TUN device packets of up to 64 KB and leave the
+checksum to "the device". Every read then starts with a virtio_net_hdr:
+
+    flags        NEEDS_CSUM: the checksum field at csum_start + csum_offset holds only the
+                 pseudo-header sum; the device sums from csum_start to the end and stores it
+    gso_type     NONE, TCPV4, TCPV6 or UDP_L4 (USO), maybe with the ECN bit
+    hdr_len      not to be trusted: on the forwarding path it can be the whole first packet
+                 (so the IP and TCP/UDP header length is worked out from csum_start)
+    gso_size     the payload of each segment (the MSS, or the UDP segment size)
+
+`split` does what the NIC would: one IP packet per gso_size of payload, each with its own IPv4
+total length, header checksum and id (incremented), or IPv6 payload length; TCP sequence numbers
+advanced, FIN and PSH on the last segment only, CWR on the first only; UDP length; and the full
+TCP/UDP checksum. The segments are built in place in the read buffer: segment i's headers are
+written over the tail of segment i-1's payload, which has already been handed over (the Device
+seals or copies what it is given before `send` returns), so no payload is copied.
+
+Checksums: the one's complement sum of 16-bit words equals the buffer read as one big integer
+modulo 0xFFFF (2**16 = 1 mod 0xFFFF), and `int.from_bytes` plus `%` is the cheapest way to sum
+bytes in pure Python (about 3.5 us for 1,400 bytes against 8-9 us for struct or a memoryview
+cast of 16-bit words, 45 us for array('H')). 0xFFFF - (sum % 0xFFFF) is never 0, which UDP needs
+(0 means "no checksum") and TCP and IPv4 accept (0xFFFF and 0 are both one's complement zero).
+
+Pure: no I/O. A malformed header raises BadOffload before anything was handed over.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Callable
+
+VNET_HDR_LEN = 10
+F_NEEDS_CSUM = 1
+GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4 = 0, 1, 4, 5
+GSO_ECN = 0x80
+
+_VNET = struct.Struct("<BBHHHH")
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+_TCP_FIN, _TCP_PSH, _TCP_CWR = 0x01, 0x08, 0x80
+_NOT_LAST = 0xFF & ~(_TCP_FIN | _TCP_PSH)
+_NOT_FIRST = 0xFF & ~_TCP_CWR
+
+Send = Callable[[memoryview, float], None]
+
+
+class BadOffload(ValueError):
+    """A virtio_net_hdr (or the packet behind it) that cannot be segmented; `reason` names it."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """The Internet checksum (RFC 1071) of `data` plus `initial` (a sum of 16-bit words), as
+    stored in a header: never 0."""
+    total = int.from_bytes(data, "big")
+    if len(data) & 1:
+        total <<= 8  # an odd length is padded with a zero byte
+    return 0xFFFF - (total + initial) % 0xFFFF
+
+
+def split(buf: bytearray, start: int, end: int, send: Send, now: float) -> int:
+    """Hand the packet read into buf[start:end] (virtio_net_hdr first) to `send(packet, now)`
+    as ordinary IP packets with complete checksums; returns how many. BadOffload when the header
+    does not describe the packet; nothing was sent then."""
+    n = end - start - VNET_HDR_LEN
+    if n < 20:
+        raise BadOffload("short")
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = _VNET.unpack_from(buf, start)
+    p0 = start + VNET_HDR_LEN
+    view = memoryview(buf)
+    if gso_type == GSO_NONE:
+        if flags & F_NEEDS_CSUM:
+            at = csum_start + csum_offset
+            if csum_start < 20 or at + 2 > n:
+                raise BadOffload("csum_start")
+            # The field holds the pseudo-header sum: it is part of what is summed.
+            _U16.pack_into(buf, p0 + at, checksum(view[p0 + csum_start:end]))
+        send(view[p0:end], now)
+        return 1
+    kind = gso_type & ~GSO_ECN
+    version = buf[p0] >> 4
+    if kind == GSO_UDP_L4:
+        tcp, l4_len, ck = False, 8, 6
+    elif kind == GSO_TCPV4 and version == 4 or kind == GSO_TCPV6 and version == 6:
+        tcp, l4_len, ck = True, 20, 16
+    else:
+        raise BadOffload("gso_type")
+    if not flags & F_NEEDS_CSUM or csum_offset != ck:
+        raise BadOffload("csum_offset")
+    if version == 4:
+        if csum_start != (buf[p0] & 15) * 4 or csum_start < 20:
+            raise BadOffload("csum_start")
+    elif version != 6 or csum_start < 40:
+        raise BadOffload("csum_start" if version == 6 else "ip_version")
+    if csum_start + l4_len > n:
+        raise BadOffload("csum_start")
+    if tcp:
+        l4_len = (buf[p0 + csum_start + 12] >> 4) * 4
+        if l4_len < 20:
+            raise BadOffload("tcp_header")
+    hlen = csum_start + l4_len  # IP and TCP/UDP headers: hdr_len is only a bound
+    if hlen > n or hdr_len > n:
+        raise BadOffload("hdr_len")
+    if gso_size == 0:
+        raise BadOffload("gso_size")
+
+    template = bytes(view[p0:p0 + hlen])
+    cs = csum_start
+    v4 = version == 4
+    addresses = int.from_bytes(template[12:20] if v4 else template[8:40], "big")
+    pseudo = addresses + (6 if tcp else 17)  # the pseudo-header, but for the length
+    ip_id = template[4] << 8 | template[5]
+    seq = int.from_bytes(template[cs + 4:cs + 8], "big")
+    tcp_flags = template[cs + 13] if tcp else 0
+    pack16, pack32, from_bytes = _U16.pack_into, _U32.pack_into, int.from_bytes
+    pos = p0 + hlen  # where the current segment's payload starts
+    i = 0
+    while True:
+        size = min(gso_size, end - pos)
+        s = pos - hlen
+        if i:
+            view[s:pos] = template
+        length = hlen + size
+        l4 = length - cs
+        if v4:
+            pack16(buf, s + 2, length)
+            pack16(buf, s + 4, (ip_id + i) & 0xFFFF)
+            pack16(buf, s + 10, 0)
+            pack16(buf, s + 10, 0xFFFF - from_bytes(view[s:s + cs], "big") % 0xFFFF)
+        else:
+            pack16(buf, s + 4, length - 40)
+        last = pos + size >= end
+        if tcp:
+            pack32(buf, s + cs + 4, (seq + i * gso_size) & 0xFFFFFFFF)
+            f = tcp_flags if last else tcp_flags & _NOT_LAST
+            buf[s + cs + 13] = f & _NOT_FIRST if i else f
+        else:
+            pack16(buf, s + cs + 4, l4)
+        pack16(buf, s + cs + ck, 0)
+        total = from_bytes(view[s + cs:s + length], "big")
+        if l4 & 1:
+            total <<= 8
+        pack16(buf, s + cs + ck, 0xFFFF - (total + pseudo + l4) % 0xFFFF)
+        send(view[s:s + length], now)
+        i += 1
+        if last:
+            return i
+        pos += size
