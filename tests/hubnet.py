@@ -83,6 +83,11 @@ class Hub:
         done = self.ns.run([PY, "-c", _REQUEST, self.control_path, "stats"])
         return {k[5:]: int(v) for k, v in json.loads(done.stdout) if k.startswith("drop_")}
 
+    def offload(self) -> dict[str, int]:
+        """The data thread's TUN offload counters (gso_reads, gso_segments), from `stats`."""
+        done = self.ns.run([PY, "-c", _REQUEST, self.control_path, "stats"])
+        return {k[4:]: int(v) for k, v in json.loads(done.stdout) if k.startswith("tun_")}
+
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
