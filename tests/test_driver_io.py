@@ -330,3 +330,28 @@ def test_a_gso_read_is_sealed_segment_by_segment_and_leaves_in_one_gso_send():
     finally:
         tun.close()
         far.close()
+
+
+def test_tun_offload_asks_for_uso_then_falls_back_to_tso_and_can_be_turned_off(monkeypatch):
+    """USO needs Linux 6.2: an older kernel refuses the flags with EINVAL, and the TUN device
+    gets TSO and checksum offload alone. Any other refusal leaves offload off."""
+    from pytun.common import linux, runner
+
+    asked = []
+
+    def ioctl(fd, request, flags):
+        asked.append(flags)
+        if flags & (linux.TUN_F_USO4 | linux.TUN_F_USO6):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return 0
+
+    monkeypatch.setattr(linux.fcntl, "ioctl", ioctl)
+    assert linux.set_tun_offload(5) == linux.TUN_OFFLOAD_TCP == 0x0F
+    assert asked == [0x6F, 0x0F]
+    monkeypatch.setattr(linux.fcntl, "ioctl", lambda *a: (_ for _ in ()).throw(
+        OSError(errno.ENOTTY, "Inappropriate ioctl for device")))
+    assert linux.set_tun_offload(5) == 0
+    assert runner.offload_wanted({}) is True
+    assert runner.offload_wanted({"PYTUN_TUN_OFFLOAD": "0"}) is False
+    with pytest.raises(runner.PytunError, match="PYTUN_TUN_OFFLOAD must be 0 or 1, not 'no'"):
+        runner.offload_wanted({"PYTUN_TUN_OFFLOAD": "no"})
