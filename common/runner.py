@@ -11,8 +11,9 @@ socket, the data-plane Driver, and the control socket.
 The hub and pytun-client differ in what they do between these steps (firewall and registry;
 routes, DNS and hooks), not in the steps: one place opens, serves and closes them.
 
-TUN offload on read (large TCP/UDP packets from the kernel, cut up by tunoffload.py) is on
-unless PYTUN_TUN_OFFLOAD=0 is in the environment (for A/B measurements) or the kernel refuses.
+TUN offload on read (large TCP/UDP packets from the kernel, cut up by tunoffload.py) is off
+unless PYTUN_TUN_OFFLOAD=1 is in the environment: in Python, cutting the packets and filling in
+their checksums costs the hub more than the reads it saves (bench/README.md has the figures).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ OFFLOAD_ENV = "PYTUN_TUN_OFFLOAD"
 
 
 def offload_wanted(environ: Any = os.environ) -> bool:
-    """PYTUN_TUN_OFFLOAD: 1 (the default) or 0."""
-    value = str(environ.get(OFFLOAD_ENV, "1")).strip()
+    """PYTUN_TUN_OFFLOAD: 0 (the default) or 1."""
+    value = str(environ.get(OFFLOAD_ENV, "0")).strip()
     if value not in ("0", "1"):
         raise PytunError(f"{OFFLOAD_ENV} must be 0 or 1, not {value!r}")
     return value == "1"

@@ -334,7 +334,8 @@ def test_a_gso_read_is_sealed_segment_by_segment_and_leaves_in_one_gso_send():
 
 def test_tun_offload_asks_for_uso_then_falls_back_to_tso_and_can_be_turned_off(monkeypatch):
     """USO needs Linux 6.2: an older kernel refuses the flags with EINVAL, and the TUN device
-    gets TSO and checksum offload alone. Any other refusal leaves offload off."""
+    gets TSO and checksum offload alone. Any other refusal leaves offload off. It is asked for
+    only with PYTUN_TUN_OFFLOAD=1."""
     from pytun.common import linux, runner
 
     asked = []
@@ -351,7 +352,7 @@ def test_tun_offload_asks_for_uso_then_falls_back_to_tso_and_can_be_turned_off(m
     monkeypatch.setattr(linux.fcntl, "ioctl", lambda *a: (_ for _ in ()).throw(
         OSError(errno.ENOTTY, "Inappropriate ioctl for device")))
     assert linux.set_tun_offload(5) == 0
-    assert runner.offload_wanted({}) is True
-    assert runner.offload_wanted({"PYTUN_TUN_OFFLOAD": "0"}) is False
+    assert runner.offload_wanted({}) is False
+    assert runner.offload_wanted({"PYTUN_TUN_OFFLOAD": "1"}) is True
     with pytest.raises(runner.PytunError, match="PYTUN_TUN_OFFLOAD must be 0 or 1, not 'no'"):
         runner.offload_wanted({"PYTUN_TUN_OFFLOAD": "no"})
