@@ -8,6 +8,7 @@ joined by one veth, tunnel 10.77.0.0/24):
     a  wireguard-go hub (`wg set`)   + wireguard-go laptop
     b  pytun-server hub              + wireguard-go laptop
     c  pytun-server hub              + pytun-client laptop
+    d  as b, e  as c, with TUN offload on read (PYTUN_TUN_OFFLOAD=1): A/B in one run
 
 Each leg measures, with iperf3 (server on the hub's tunnel address, client on the laptop):
 TCP both ways with 1 and 4 streams; the hub process's CPU seconds (utime + stime from
@@ -51,7 +52,10 @@ from bench.rig import Leg, rss_kib  # noqa: E402
 
 LEGS = {"a": ("wg-go", "wg-go", "wg-go/wg-go"),
         "b": ("pytun", "wg-go", "pytun/wg-go"),
-        "c": ("pytun", "pytun", "pytun/pytun")}
+        "c": ("pytun", "pytun", "pytun/pytun"),
+        "d": ("pytun", "wg-go", "pytun-tso/wg-go"),
+        "e": ("pytun", "pytun", "pytun-tso/pytun")}
+OFFLOAD_ON = {"d", "e"}  # pytun processes of these legs run with PYTUN_TUN_OFFLOAD=1
 
 LEG_ROWS = (
     ("tcp_up_1", "TCP laptop->hub 1 stream Mbit/s"),
@@ -117,12 +121,26 @@ class Results:
 
 
 def measure_leg(key: str, args, tmp: pathlib.Path, results: Results) -> None:
-    hub, laptop, title = LEGS[key]
+    _, laptop, title = LEGS[key]
     out = results.legs.setdefault(key, {})
-    s = args.seconds
     log(f"leg {key}: {title} hub/laptop")
+    saved = os.environ.get("PYTUN_TUN_OFFLOAD")
+    # The hub and pytun-client processes of the leg inherit it.
+    os.environ["PYTUN_TUN_OFFLOAD"] = "1" if key in OFFLOAD_ON else "0"
     try:
-        leg = Leg(key, hub, laptop, tmp).__enter__()
+        _measure_leg(key, laptop, args, tmp, results, out)
+    finally:
+        if saved is None:
+            os.environ.pop("PYTUN_TUN_OFFLOAD", None)
+        else:
+            os.environ["PYTUN_TUN_OFFLOAD"] = saved
+
+
+def _measure_leg(key: str, laptop: str, args, tmp: pathlib.Path, results: Results,
+                 out: dict) -> None:
+    s = args.seconds
+    try:
+        leg = Leg(key, LEGS[key][0], laptop, tmp).__enter__()
     except Exception as exc:  # noqa: BLE001
         results.errors.append(f"leg {key} set-up: {type(exc).__name__}: {str(exc)[:600]}")
         log(f"FAILED leg {key} set-up: {exc}")
@@ -213,7 +231,7 @@ def _fmt(value) -> str:
 def ratios(results: Results) -> dict:
     out = {}
     base = results.legs.get("a")
-    for key in ("b", "c"):
+    for key in ("b", "c", "d", "e"):
         if base is None or key not in results.legs:
             continue
         out[f"{key}/a"] = {row: (results.legs[key][row] / base[row]
@@ -223,7 +241,7 @@ def ratios(results: Results) -> dict:
 
 
 def render(results: Results, args) -> str:
-    keys = [k for k in "abc" if k in results.legs]
+    keys = [k for k in "abcde" if k in results.legs]
     rats = ratios(results)
     width = max(len(label) for _, label in LEG_ROWS + ENGINE_ROWS) + 2
     lines = [f"pytun bench on {os.cpu_count()} CPUs, Linux {platform.release()}; iperf3 "
@@ -231,13 +249,15 @@ def render(results: Results, args) -> str:
     if rats:
         lines.append("b/a, c/a: the figure divided by wg-go/wg-go's (Mbit/s, kpps: higher is "
                      "better; CPU s/GB, ms, MiB: lower is better)")
+    if any(k in OFFLOAD_ON for k in keys):
+        lines.append("pytun-tso: pytun with TUN offload on read (PYTUN_TUN_OFFLOAD=1)")
     lines.append("")
     if keys:
-        head = f"{'metric':<{width}}" + "".join(f"{LEGS[k][2]:>14}" for k in keys)
+        head = f"{'metric':<{width}}" + "".join(f"{LEGS[k][2]:>16}" for k in keys)
         head += "".join(f"{r:>8}" for r in rats)
         lines.append(head)
         for row, label in LEG_ROWS:
-            line = f"{label:<{width}}" + "".join(f"{_fmt(results.legs[k].get(row)):>14}"
+            line = f"{label:<{width}}" + "".join(f"{_fmt(results.legs[k].get(row)):>16}"
                                                  for k in keys)
             for r in rats.values():
                 line += f"{'-' if r[row] is None else f'{r[row]:.2f}':>8}"
@@ -259,7 +279,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
     p.add_argument("--only", default="a,b,c", metavar="PARTS",
-                   help="legs to run, e.g. a,b (default a,b,c); `memory` for the server's RSS")
+                   help="legs to run, e.g. a,b,d (default a,b,c; d and e: b and c with TUN"
+                        " offload on read); `memory` for the server's RSS")
     p.add_argument("--seconds", type=float, help="seconds per iperf3 run (default 8, quick 2)")
     p.add_argument("--max-time", type=float, metavar="S",
                    help="stop measuring after S seconds (default 600, quick 150)")
@@ -272,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = [k.strip() for k in args.only.split(",") if k.strip()]
     legs = [k for k in parts if k != "memory"]
     if not parts or any(k not in LEGS for k in legs):
-        print("bench/run.py: --only takes a comma list of a, b, c, memory", file=sys.stderr)
+        print("bench/run.py: --only takes a comma list of a, b, c, d, e, memory", file=sys.stderr)
         return 2
     if os.geteuid() != 0:
         print("bench/run.py: needs root (network namespaces)", file=sys.stderr)

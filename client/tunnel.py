@@ -318,6 +318,13 @@ class Tunnel:
     def handle_control(self, pairs):
         if [k for k, _ in pairs] == ["get"]:
             return list(self.status().items())
+        if [k for k, _ in pairs] == ["stats"] and self.driver is not None:
+            # As the hub answers it: drop (and I/O error) counters, then TUN offload counters.
+            with self.driver.locked() as device:
+                drops = sorted(device.drops.items())
+                offload = sorted(self.driver.offload.items())
+            return ([(f"drop_{reason}", str(n)) for reason, n in drops]
+                    + [(f"tun_{what}", str(n)) for what, n in offload])
         raise control.ControlError(f"unknown request {' '.join(k for k, _ in pairs)!r}")
 
     # -- running -------------------------------------------------------------------------------

@@ -21,11 +21,12 @@ import struct
 import sys
 import threading
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import trio
 
-from . import linux, tcpgro
+from . import linux, tcpgro, tunoffload
 from .endpoint import Endpoint as UdpEndpoint
 from .peer import Endpoint, Event, Packet, Peer
 
@@ -41,6 +42,7 @@ BATCH = 256
 TICK = 0.1  # with many peers' timers armed, check them all this often
 LONGEST_SLEEP = 5.0  # with none due sooner (the rate limiter's tidy-up runs at tick too)
 MAX_PACKET = 65535
+TUN_READ = tunoffload.VNET_HDR_LEN + MAX_PACKET + 1  # + 1: a longer packet shows as bad
 SOCKET_BUFFER = 4 << 20
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 IP_PKTINFO = 8
@@ -126,7 +128,7 @@ class Driver:
 
     def __init__(self, device: Device, tun_fd: int, sock: socket.socket, *,
                  on_event: EventHandler | None = None, sticky: bool = False, gso: bool = True,
-                 vnet_hdr: bool = False):
+                 vnet_hdr: bool = False, tun_offload: bool = False):
         self.device = device
         self.tun_fd = tun_fd
         self.sock = sock
@@ -144,6 +146,12 @@ class Driver:
         self.sticky = sticky
         self.gso = gso
         self.vnet_hdr = vnet_hdr  # the TUN fd was opened with IFF_VNET_HDR (see tcpgro.py)
+        # TUNSETOFFLOAD took: reads may be large GSO packets, cut up by tunoffload.split in a
+        # buffer of their own. Counted in `offload`: reads that were GSO packets, and the
+        # segments they made.
+        self.tun_offload = tun_offload and vnet_hdr
+        self.offload: Counter[str] = Counter()
+        self._tun_buf = bytearray(TUN_READ if self.tun_offload else 0)
         # Called from the data thread's loop at most every `heartbeat_interval` seconds (the
         # systemd watchdog ping): a wedged loop stops calling it.
         self.heartbeat: Callable[[], None] | None = None
@@ -266,7 +274,8 @@ class Driver:
     def _loop(self) -> None:
         sock_fd, tun_fd, wake = self.sock.fileno(), self.tun_fd, self._wake
         lock, device, monotonic = self.lock, self.device, time.monotonic
-        drain_udp, drain_tun = self._drain_udp, self._drain_tun
+        drain_udp = self._drain_udp
+        drain_tun = self._drain_tun_offload if self.tun_offload else self._drain_tun
         flush_tun, flush_nowait = self.flush_nowait_tun, self.flush_nowait
         ep = select.epoll()
         try:
@@ -379,6 +388,42 @@ class Driver:
                 self.io_errors["tun_read_error"] += 1
                 return
             send(memoryview(packet)[skip:] if skip else packet, now)
+
+    def _drain_tun_offload(self, now: float) -> None:
+        """Read into one buffer; a GSO packet becomes its segments, each handed to the device
+        as an ordinary IP packet (it seals or copies it before the next one is built). A batch
+        counts segments, so a drain leaves at most about BATCH datagrams to send."""
+        readv, fd, send, split = os.readv, self.tun_fd, self.device.send, tunoffload.split
+        buf = self._tun_buf
+        bufs, view = [buf], memoryview(buf)
+        offload = self.offload
+        skip = tunoffload.VNET_HDR_LEN
+        budget = BATCH
+        while budget > 0:
+            try:
+                n = readv(fd, bufs)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.io_errors["tun_read_error"] += 1
+                return
+            flags, gso = buf[0], buf[1]
+            if not flags and not gso and skip < n < TUN_READ:  # no checksum to fill, no GSO
+                send(view[skip:n], now)
+                budget -= 1
+                continue
+            try:
+                if n >= TUN_READ:
+                    raise tunoffload.BadOffload("too long")
+                segments = split(buf, 0, n, send, now)
+            except tunoffload.BadOffload:
+                self.io_errors["tun_bad_offload"] += 1
+                budget -= 1
+                continue
+            if gso:
+                offload["gso_reads"] += 1
+                offload["gso_segments"] += segments
+            budget -= segments
 
     def flush_nowait_tun(self) -> None:
         device = self.device

@@ -32,6 +32,11 @@ TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
+TUN_F_USO4, TUN_F_USO6 = 0x20, 0x40
+TUN_OFFLOAD_TCP = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
+TUN_OFFLOAD_ALL = TUN_OFFLOAD_TCP | TUN_F_USO4 | TUN_F_USO6
 IFA_F_NODAD = 0x02
 FIB_RULE_INVERT = 0x02
 SO_MARK = 36
@@ -62,7 +67,8 @@ def open_tun(name: str, *, vnet_hdr: bool = False) -> tuple[int, str]:
 
     The device lives as long as the fd: closing it removes the interface. With `vnet_hdr`,
     every packet read or written starts with a 10-byte virtio_net_hdr, which lets a write
-    carry a run of TCP segments as one (see tcpgro.py); reads stay plain packets.
+    carry a run of TCP segments as one (see tcpgro.py); reads stay plain packets until
+    `set_tun_offload` asks for large ones.
     """
     check_ifname(name)
     try:
@@ -89,6 +95,21 @@ def open_tun(name: str, *, vnet_hdr: bool = False) -> tuple[int, str]:
         raise LinuxError(f"cannot create TUN device {name}: {why}") from None
     actual = _IFREQ.unpack(ifr[: _IFREQ.size])[0].rstrip(b"\0").decode()
     return fd, actual
+
+
+def set_tun_offload(fd: int) -> int:
+    """Let the kernel hand a TUN device opened with IFF_VNET_HDR large TCP packets (TSO), UDP
+    ones too where it can (USO, Linux 6.2+), with their checksums left to us (tunoffload.py
+    cuts them up). Returns the TUN_F_* flags set, 0 when the kernel takes none of them."""
+    for flags in (TUN_OFFLOAD_ALL, TUN_OFFLOAD_TCP):
+        try:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                continue  # no USO before Linux 6.2: try without
+            return 0
+        return flags
+    return 0
 
 
 @contextlib.contextmanager

@@ -499,7 +499,9 @@ class Hub:
         if keys_ == ["stats"]:
             with self._device() as device:
                 drops = sorted(device.drops.items())
-            return [(f"drop_{reason}", str(n)) for reason, n in drops]
+                offload = sorted(self.driver.offload.items()) if self.driver else []
+            return ([(f"drop_{reason}", str(n)) for reason, n in drops]
+                    + [(f"tun_{what}", str(n)) for what, n in offload])
         if keys_ == ["ha"]:
             want = pairs[0][1]
             if want != "status":

@@ -108,6 +108,10 @@ class HubProcess:
     def drops(self) -> dict[str, int]:
         return {k[5:]: int(v) for k, v in self.stats().items() if k.startswith("drop_")}
 
+    def offload(self) -> dict[str, int]:
+        """The data thread's TUN offload counters (gso_reads, gso_segments), from `stats`."""
+        return {k[4:]: int(v) for k, v in self.stats().items() if k.startswith("tun_")}
+
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 

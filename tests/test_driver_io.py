@@ -275,3 +275,84 @@ def test_a_device_link_closes_what_it_opened_even_when_the_link_cannot_be_config
     with pytest.raises(OSError) as info:
         os.fstat(opened[0])
     assert info.value.errno == _errno.EBADF and link.tun_fd is None and link.sock is None
+
+
+class RecordingSocket(FailingSocket):
+    """Keeps what each send carried: (datagrams, segment size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sent: list[tuple[list[bytes], int | None]] = []
+
+    def sendto(self, datagram, endpoint):
+        super().sendto(datagram, endpoint)
+        self.sent.append(([bytes(datagram)], None))
+
+    def sendmsg(self, buffers, cmsgs, flags, endpoint):
+        super().sendmsg(buffers, cmsgs, flags, endpoint)
+        self.sent.append(([bytes(b) for b in buffers], self.calls[-1][2]))
+
+
+def test_a_gso_read_is_sealed_segment_by_segment_and_leaves_in_one_gso_send():
+    """TUN offload on read: a 20-segment TCP packet from the kernel (virtio_net_hdr, checksum
+    partial) reaches the engine as 20 ordinary packets; their datagrams to the one peer leave
+    in one UDP GSO send, and the peer decrypts segments with valid checksums. A bad header in
+    between is a counted drop, and the next read goes on."""
+    from tests.enginenet import two, up
+    from tests.test_tunoffload import TCP, check_segments, super_packet, vnet
+    from pytun.common import tunoffload
+
+    net, hub, laptop = two()
+    up(net, hub, laptop)
+    tun, far = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    tun.setblocking(False)
+    try:
+        sock = RecordingSocket()
+        d = Driver(hub.device, tun.fileno(), sock, vnet_hdr=True, tun_offload=True)
+        inner = (bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))  # hub -> laptop
+        big, l4_at = super_packet(4, TCP, bytes(range(250)) * 100, ip_id=7, addresses=inner)
+        plain, _ = super_packet(4, TCP, b"ack", addresses=inner)
+        plain = plain[:l4_at + 16] + b"\x12\x34" + plain[l4_at + 18:]  # not to be touched
+        far.send(vnet(tunoffload.GSO_TCPV4, 1280, l4_at, TCP, hdr_len=len(big)) + big)
+        far.send(vnet(0x42, 1280, l4_at, TCP) + big)  # an unknown GSO type
+        far.send(bytes(tunoffload.VNET_HDR_LEN) + plain)  # no flags: goes as it is
+        d._drain_tun_offload(net.now)
+        assert d.flush_nowait() is False
+        assert d.offload == {"gso_reads": 1, "gso_segments": 20}
+        assert d.io_errors["tun_bad_offload"] == 1
+        (run, size), (single, _) = sock.sent
+        assert len(run) == 20 and size == len(run[0]) and sock.calls[0][0] == "sendmsg"
+        for datagram in run + single:
+            laptop.device.receive(datagram, hub.endpoint, net.now)
+        *segments, last = [bytes(p) for p in laptop.device.tun_out]
+        check_segments(segments, big, 4, TCP, l4_at, 1280)
+        assert last == plain
+    finally:
+        tun.close()
+        far.close()
+
+
+def test_tun_offload_asks_for_uso_then_falls_back_to_tso_and_can_be_turned_off(monkeypatch):
+    """USO needs Linux 6.2: an older kernel refuses the flags with EINVAL, and the TUN device
+    gets TSO and checksum offload alone. Any other refusal leaves offload off. It is asked for
+    only with PYTUN_TUN_OFFLOAD=1."""
+    from pytun.common import linux, runner
+
+    asked = []
+
+    def ioctl(fd, request, flags):
+        asked.append(flags)
+        if flags & (linux.TUN_F_USO4 | linux.TUN_F_USO6):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return 0
+
+    monkeypatch.setattr(linux.fcntl, "ioctl", ioctl)
+    assert linux.set_tun_offload(5) == linux.TUN_OFFLOAD_TCP == 0x0F
+    assert asked == [0x6F, 0x0F]
+    monkeypatch.setattr(linux.fcntl, "ioctl", lambda *a: (_ for _ in ()).throw(
+        OSError(errno.ENOTTY, "Inappropriate ioctl for device")))
+    assert linux.set_tun_offload(5) == 0
+    assert runner.offload_wanted({}) is False
+    assert runner.offload_wanted({"PYTUN_TUN_OFFLOAD": "1"}) is True
+    with pytest.raises(runner.PytunError, match="PYTUN_TUN_OFFLOAD must be 0 or 1, not 'no'"):
+        runner.offload_wanted({"PYTUN_TUN_OFFLOAD": "no"})
