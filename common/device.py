@@ -34,6 +34,8 @@ from .peer import (HANDSHAKE_INITIATION_RATE, Event, RECEIVE_REKEY_AGE, REJECT_A
                    Endpoint, Keypair, Packet, PendingHandshake, Peer)
 from .timers import Timers
 
+MAX_WAITING = 1024  # initiations from keys not configured, kept for answer_waiting()
+
 # wire.py owns the format; bound here as names for the hot path.
 _TRANSPORT_HDR = wire.TRANSPORT_HDR
 _OVERHEAD = wire.TRANSPORT_MIN_LEN  # header and tag around a padded payload
@@ -85,6 +87,10 @@ class Device(Timers):
         # A hot standby (a second hub behind a shared address) answers nothing: every datagram
         # and tunnel packet is dropped and counted, and no handshake or keepalive leaves.
         self.standby = False
+        # The latest initiation from each key not (yet) configured, for REKEY_TIMEOUT: a peer
+        # added meanwhile (by another hub sharing the registry, say) is answered at once by
+        # answer_waiting(), instead of after the initiator's own retry.
+        self.waiting: dict[bytes, tuple[bytes, Endpoint, float]] = {}
         Timers.__init__(self)
 
     def __repr__(self) -> str:
@@ -117,6 +123,25 @@ class Device(Timers):
         peer.staged = ()
         self.disarm(peer)
 
+    def answer_waiting(self, peer: Peer, now: float) -> bool:
+        """Answer the initiation `peer` sent before it was added, if one came within
+        REKEY_TIMEOUT (its initiator still waits for the response). True if one was taken."""
+        waiting = self.waiting.pop(peer.public_key, None)
+        if waiting is None or now - waiting[2] >= REKEY_TIMEOUT or self.standby:
+            return False
+        self._receive_initiation(waiting[0], waiting[1], now)
+        return True
+
+    def _keep_waiting(self, static: bytes, data: bytes, src: Endpoint, now: float) -> None:
+        waiting = self.waiting
+        waiting.pop(static, None)  # the newest last, so the oldest goes first
+        if len(waiting) >= MAX_WAITING:
+            for key in [k for k, (_, _, t) in waiting.items() if now - t >= REKEY_TIMEOUT]:
+                del waiting[key]
+            while len(waiting) >= MAX_WAITING:
+                del waiting[next(iter(waiting))]
+        waiting[static] = (data, src, now)
+
     def set_standby(self, standby: bool) -> None:
         """Standby: end every session at once (keys, handshakes in flight, timers, what waits
         to be sent) and answer nothing until set active again. Either way the next initiation
@@ -133,6 +158,7 @@ class Device(Timers):
         if standby:
             self.net_out.clear()
             self.tun_out.clear()
+            self.waiting.clear()
 
     def _new_index(self) -> int:
         while True:
@@ -322,6 +348,7 @@ class Device(Timers):
         peer = self.peers.get(initiator_static)
         if peer is None:
             self.drops["unknown_peer"] += 1
+            self._keep_waiting(initiator_static, data, src, now)
             return
         try:
             timestamp, ck, h = noise.consume_initiation_payload(

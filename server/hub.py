@@ -46,7 +46,8 @@ log = logging.getLogger("pytun")
 
 WRITE_EVERY = 1.0  # seconds between registry writes of what the data plane saw
 LOG_EVERY = 10.0  # at most one line per peer and kind of event this often; the rest counted
-REGISTRY_POLL = 1.0
+REGISTRY_POLL = 0.25  # a change made on another host reaches this hub this soon
+OUTAGE_LOG_EVERY = 60.0  # one line a minute while the registry cannot be reached
 REDIAL_WITHIN = 600.0  # after a restart, re-dial laptops seen in the last ten minutes
 RECORD_EVERY = 300  # seconds between stored handshake times of a laptop that stays put
 FIREWALL_RETRY = 5.0  # seconds before a failed live firewall change is tried again
@@ -219,8 +220,11 @@ class Hub:
             added.append(name)
             if self.driver is not None:  # a live change: added, enabled, renewed, new key
                 log.info("peer %s added (%s)", name, ", ".join(map(str, record.addresses)))
-                # A laptop seen lately is called at once, not left to its own next retry.
-                self._call_back(engine_peer, self.driver.now(), time.time())
+                # A laptop that called before its row reached this hub (added on another
+                # host) is answered now; one seen lately is called at once. Neither is left
+                # to its own next retry.
+                if not self.device.answer_waiting(engine_peer, self.driver.now()):
+                    self._call_back(engine_peer, self.driver.now(), time.time())
                 if self.settings.ha and engine_peer.last_sent_handshake is not None:
                     self.driver.send_from([engine_peer.endpoint],
                                           self.settings.ha["service_address"])
@@ -610,6 +614,8 @@ class Hub:
             self.sock = None
 
     async def _poll_registry(self) -> None:
+        failing_since: float | None = None  # while the registry cannot be reached
+        said_at = 0.0
         while True:
             await trio.sleep(REGISTRY_POLL)
             try:
@@ -621,7 +627,18 @@ class Hub:
                 if expired or token != self._token:
                     self.sync()
             except RegistryError as exc:
-                log.warning("registry check failed: %s", exc)
+                # One line when it starts and one a minute while it lasts, not one per poll;
+                # the peers loaded keep their sessions meanwhile.
+                now = time.monotonic()
+                if failing_since is None or now - said_at >= OUTAGE_LOG_EVERY:
+                    log.warning("registry check failed: %s (the loaded peers are served;"
+                                " changes wait for the registry)", exc)
+                    said_at = now
+                failing_since = failing_since if failing_since is not None else now
+                continue
+            if failing_since is not None:
+                log.info("registry reachable again after %.0f s", time.monotonic() - failing_since)
+                failing_since = None
 
     async def _firewall_loop(self) -> None:
         """Live changes (a registry poll, an expired rule) reach the kernel from here."""

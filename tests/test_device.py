@@ -563,3 +563,60 @@ def test_repr_and_str_carry_no_key_material(monkeypatch):
     for obj in objects:
         secrets_absent(repr(obj), secrets)
         secrets_absent(str(obj), secrets)
+
+
+# -- an initiation from a key added a moment later --------------------------------------------
+
+
+def _unknown_to_hub():
+    """a (a laptop) knows b (a hub); b does not know a yet. a sends: its initiation is kept."""
+    net = Net()
+    a = net.node("a", "192.0.2.1", "10.0.0.1")
+    b = net.node("b", "192.0.2.2", "10.0.0.2")
+    a.device.add_peer(b.public_key, allowed_ips=["10.0.0.2/32"], endpoint=b.endpoint, name="b")
+    a.device.send(a.packet_to(b, b"early"), net.now)
+    net.deliver()
+    assert b.device.drops == {"unknown_peer": 1} and list(b.device.waiting) == [a.public_key]
+    return net, a, b
+
+
+def test_a_peer_added_within_rekey_timeout_is_answered_at_once():
+    net, a, b = _unknown_to_hub()
+    net.clock.now += 4.9
+    peer = b.device.add_peer(a.public_key, allowed_ips=["10.0.0.1/32"], name="a")
+    assert b.device.answer_waiting(peer, net.now)
+    net.deliver()
+    # The response goes out now, and the packet a kept waiting follows it: no retry needed.
+    assert flow(net) == [("a", INIT), ("b", RESP), ("a", DATA)]
+    assert b.received == [a.packet_to(b, b"early")]
+    assert not b.device.waiting
+
+
+def test_a_kept_initiation_is_not_answered_after_rekey_timeout_nor_twice_nor_by_a_standby():
+    net, a, b = _unknown_to_hub()
+    net.clock.now += peer_module.REKEY_TIMEOUT
+    peer = b.device.add_peer(a.public_key, allowed_ips=["10.0.0.1/32"], name="a")
+    assert not b.device.answer_waiting(peer, net.now)  # a has sent a new one by now
+    assert not b.device.answer_waiting(peer, net.now)
+    net.deliver()
+    assert flow(net) == [("a", INIT)]
+    net, a, b = _unknown_to_hub()
+    b.device.set_standby(True)
+    assert not b.device.waiting
+    peer = b.device.add_peer(a.public_key, allowed_ips=["10.0.0.1/32"], name="a")
+    assert not b.device.answer_waiting(peer, net.now)
+
+
+def test_kept_initiations_are_bounded_oldest_first():
+    from pytun.common import device as device_module
+    net, a, b = _unknown_to_hub()
+    waiting = b.device.waiting
+    for i in range(device_module.MAX_WAITING + 10):
+        b.device._keep_waiting(bytes([i % 256, i // 256]) + bytes(30), b"x", a.endpoint,
+                               net.now)
+    assert len(waiting) == device_module.MAX_WAITING
+    assert a.public_key not in waiting  # the oldest went first
+    # Expired ones go before fresh ones.
+    net.clock.now += peer_module.REKEY_TIMEOUT
+    b.device._keep_waiting(a.public_key, b"y", a.endpoint, net.now)
+    assert list(waiting) == [a.public_key]

@@ -41,7 +41,7 @@ from . import pgserver
 from .conftest import require_tools, skip_or_fail
 from pytun.server.registry import open_registry
 
-from .hubnet import HubProcess, OurLaptop, WgGoLaptop
+from .hubnet import HubProcess, OurLaptop, WgGoLaptop, start_wireguard_go, write_config
 from .netns import Netns, ping, topology, wait_until  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.netns
@@ -191,35 +191,49 @@ def _captured(path) -> list[tuple[float, str]]:
     return [(float(t), mac) for t, mac in (line.split() for line in lines)]
 
 
+class Pair:
+    """The switch (a bridge in a namespace of its own), the inet host, PostgreSQL in a
+    namespace on the switch with a fresh database, one key file, and hubs A and B (not yet
+    started) initialised for the shared key, registry and service address."""
+
+    def __init__(self, topology, tmp_path, request):
+        if pgserver.missing():
+            skip_or_fail(pgserver.missing())
+        self.topology, self.tmp_path = topology, tmp_path
+        self.switch = topology.netns("sw")
+        self.switch.run("ip", "link", "add", "br0", "type", "bridge")
+        self.switch.run("ip", "link", "set", "br0", "up")
+        self.inet = topology.netns("inet")
+        self.plug(self.inet, "203.0.113.2/24")
+        # PostgreSQL in a namespace of its own on the same switch: the registry both share.
+        pg_ns = topology.netns("pg")
+        self.plug(pg_ns, "203.0.113.3/24")
+        self.pg = pgserver.PgServer(netns=pg_ns, listen="203.0.113.3")
+        request.addfinalizer(self.pg.close)
+        self.pg.setup()
+        self.local_url = self.pg.create_database()  # the test's own way in: the unix socket
+        from pytun.common import keys
+        key_file = str(tmp_path / "hub.key")  # one key file both hosts hold (0600)
+        keys.write_secret_file(key_file, keys.encode_key(keys.generate_private()) + "\n")
+        url = self.pg.tcp_url(self.local_url)
+        self.a = HaHub(topology, self.switch, tmp_path, "a", 2, key_file, url, priority=150)
+        self.b = HaHub(topology, self.switch, tmp_path, "b", 3, key_file, url, priority=100)
+        for hub in (self.a, self.b):  # after the namespaces (and keepalived with them) go
+            request.addfinalizer(lambda ns=hub.ns.name: shutil.rmtree(
+                f"/run/keepalived/{ns}", ignore_errors=True))
+
+    def plug(self, ns: Netns, address: str) -> str:
+        """A veth from `ns` to the bridge; the device's name in `ns`."""
+        dev, port = self.topology.veth(ns, address, self.switch, None)
+        self.switch.run("ip", "link", "set", port, "master", "br0")
+        return dev
+
+
 def test_laptops_follow_the_service_address_to_the_standby_and_back(topology, tmp_path,
                                                                      netns_ok, request):
     require_tools("keepalived", "wireguard-go", "wg", "iperf3", "ping")
-    if pgserver.missing():
-        skip_or_fail(pgserver.missing())
-    switch = topology.netns("sw")
-    switch.run("ip", "link", "add", "br0", "type", "bridge")
-    switch.run("ip", "link", "set", "br0", "up")
-    inet = topology.netns("inet")
-    _, port = topology.veth(inet, "203.0.113.2/24", switch, None)
-    switch.run("ip", "link", "set", port, "master", "br0")
-
-    # PostgreSQL in a namespace of its own on the same switch: the registry both hubs share.
-    pg_ns = topology.netns("pg")
-    _, port = topology.veth(pg_ns, "203.0.113.3/24", switch, None)
-    switch.run("ip", "link", "set", port, "master", "br0")
-    pg = pgserver.PgServer(netns=pg_ns, listen="203.0.113.3")
-    request.addfinalizer(pg.close)
-    pg.setup()
-    local_url = pg.create_database()
-    # One key file both hosts hold (0600).
-    from pytun.common import keys
-    key_file = str(tmp_path / "hub.key")
-    keys.write_secret_file(key_file, keys.encode_key(keys.generate_private()) + "\n")
-    a = HaHub(topology, switch, tmp_path, "a", 2, key_file, pg.tcp_url(local_url), priority=150)
-    b = HaHub(topology, switch, tmp_path, "b", 3, key_file, pg.tcp_url(local_url), priority=100)
-    for hub in (a, b):  # after the namespaces (and keepalived with them) are gone
-        request.addfinalizer(lambda ns=hub.ns.name: shutil.rmtree(f"/run/keepalived/{ns}",
-                                                                  ignore_errors=True))
+    pair = Pair(topology, tmp_path, request)
+    a, b, local_url = pair.a, pair.b, pair.local_url
     alice = a.admin("add-peer", "alice", "--keepalive", "0").stdout
     bob = a.admin("add-peer", "bob").stdout
     a.admin("access", "add", "everyone", "hub", "tcp/5201")
@@ -228,8 +242,7 @@ def test_laptops_follow_the_service_address_to_the_standby_and_back(topology, tm
     captures = {}
     for name, last in (("alice", 21), ("bob", 22)):
         ns = topology.netns("lap")
-        dev, port = topology.veth(ns, f"192.0.2.{last}/24", switch, None)
-        switch.run("ip", "link", "set", port, "master", "br0")
+        dev = pair.plug(ns, f"192.0.2.{last}/24")
         captures[name] = tmp_path / f"capture-{name}.txt"
         ns.popen([PY, "-c", SNIFFER, dev, str(captures[name]), "240"])
         laptops[name] = ns
@@ -341,3 +354,94 @@ def _try(fn, *args) -> bool:
 
 def _fmt(back: dict[str, float]) -> str:
     return ", ".join(f"{name} {t:.1f} s" for name, t in sorted(back.items()))
+
+
+def _wg_join(ns: Netns, tmp_path, ifname: str, text: str) -> None:
+    """Configure a running wireguard-go interface with a config add-peer printed."""
+    from pytun.common import config as wgconfig
+    ns.run("wg", "setconf", ifname, write_config(tmp_path, f"{ifname}-setconf",
+                                                 wgconfig.strip(text)))
+    ns.run("sysctl", "-qw", f"net.ipv6.conf.{ifname}.disable_ipv6=1")
+    for address in wgconfig.parse(text).interface.addresses:
+        ns.run("ip", "addr", "add", str(address), "dev", ifname)
+    ns.run("ip", "link", "set", ifname, "mtu", "1420", "up")
+    ns.run("ip", "route", "add", "10.77.0.0/24", "dev", ifname)
+
+
+def _cut_after(pinger: Pinger, ns: Netns, start: float) -> float:
+    """Seconds from `start` to the last answer, once the laptop gets none any more."""
+    wait_until(lambda: not ping(ns, HUB_INNER, timeout=0.5), timeout=10,
+               what="the laptop to be cut off")
+    return max(pinger.times()) - start
+
+
+def test_two_hubs_one_postgresql_registry_changes_on_either_host_and_an_outage(
+        topology, tmp_path, netns_ok, request):
+    """Without keepalived: B holds the service address and is active, A is standby. A change
+    made with pytun-admin on either host reaches B through PostgreSQL's NOTIFY; PostgreSQL
+    restarts while both hubs run."""
+    require_tools("wireguard-go", "wg", "ping")
+    pair = Pair(topology, tmp_path, request)
+    a, b = pair.a, pair.b
+    dave = b.admin("add-peer", "dave").stdout
+    for hub in (a, b):
+        hub.start()
+    b.ns.run("ip", "addr", "add", f"{SERVICE}/24", "dev", b.dev)
+    b.admin("ha", "master")
+    assert (a.role(), b.role()) == ("standby", "active")
+    laptops = {}
+    for name, last in (("dave", 21), ("carol", 22)):
+        laptops[name] = topology.netns("lap")
+        pair.plug(laptops[name], f"192.0.2.{last}/24")
+    WgGoLaptop(laptops["dave"], tmp_path, dave, routes=["10.77.0.0/24"], ipv6=False)
+    wait_until(lambda: ping(laptops["dave"], HUB_INNER, timeout=0.5), timeout=15,
+               what="dave through hub B")
+
+    # add-peer on host A (standby) while B serves: carol connects through B within 2 s.
+    ifname, _ = start_wireguard_go(laptops["carol"], "wgc")
+    t0 = time.time()
+    carol = a.admin("add-peer", "carol").stdout
+    _wg_join(laptops["carol"], tmp_path, ifname, carol)
+    pingers = {name: Pinger(ns, tmp_path / f"ping-{name}.txt") for name, ns in laptops.items()}
+    wait_until(lambda: pingers["carol"].replies(after=t0), timeout=10,
+               what="carol through hub B")
+    joined = pingers["carol"].replies(after=t0)[0] - t0
+    assert b.show()["carol"]["latest_handshake"] >= int(t0)
+
+    # PostgreSQL goes away: the hubs go on serving, changes fail in one line.
+    pair.pg.stop()
+    down = time.time()
+    for hub in (a, b):
+        wait_until(lambda: "registry check failed" in hub.log(), timeout=10,
+                   what=f"hub {hub.name} to notice the outage")
+    for hub, args in ((a, ("add-peer", "erin")), (b, ("remove-peer", "dave"))):
+        done = hub.admin(*args, check=False)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode != 0 and len(lines) == 1, done.stderr
+        assert "Traceback" not in done.stderr and "registry" in lines[0], lines
+    for name, ns in laptops.items():
+        assert ping(ns, HUB_INNER, timeout=1), f"{name} lost hub B during the outage"
+    assert a.running() and b.running()
+    assert b.log().count("registry check failed") <= 2, "one line, not one per poll"
+    pair.pg.start()
+    outage = time.time() - down
+    wait_until(lambda: "registry reachable again" in b.log(), timeout=10,
+               what="hub B to reach the registry again")
+    assert "dave" in b.show()  # the refused removal changed nothing
+
+    # Back: remove-peer on B cuts carol (served by B) within 1 s; remove-peer on A cuts dave
+    # on B within 1 s of the command, through NOTIFY.
+    t1 = time.time()
+    b.admin("remove-peer", "carol")
+    cut_local = _cut_after(pingers["carol"], laptops["carol"], t1)
+    t2 = time.time()
+    a.admin("remove-peer", "dave")
+    t2_done = time.time()
+    cut_remote = _cut_after(pingers["dave"], laptops["dave"], t2)
+    print(f"\ncarol added on A, through B after {joined:.2f} s; PostgreSQL down {outage:.1f} s;"
+          f" removed on B, cut after {cut_local:.2f} s; dave removed on A, cut on B after"
+          f" {cut_remote:.2f} s ({t2_done - t2:.2f} s of it pytun-admin itself)")
+    assert joined < 2.0
+    assert cut_local < 1.0
+    assert cut_remote - (t2_done - t2) < 1.0
+    assert "carol" not in b.show() and "dave" not in b.show()

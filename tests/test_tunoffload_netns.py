@@ -15,16 +15,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
 
 import pytest
 
+from pytun.common import control
+
 from .badnet import io_errors
 from .conftest import require_tools
-from .hubnet import HUB_INNER, PY, Hub, OurLaptop, WgGoLaptop, _REQUEST
+from .hubnet import HUB_INNER, PY, Hub, OurLaptop, WgGoLaptop
 from .netns import Topology, ping, wait_until
 from .test_hub_netns import tcp_transfer
 
@@ -80,8 +81,7 @@ def snmp(ns) -> dict[str, int]:
 
 def client_stats(laptop: OurLaptop) -> dict[str, int]:
     path = os.path.join(laptop.run_dir, f"{laptop.ifname}.sock")
-    done = laptop.ns.run([PY, "-c", _REQUEST, path, "stats"])
-    return {k: int(v) for k, v in json.loads(done.stdout)}
+    return {k: int(v) for k, v in control.request(path, [("stats", "1")], timeout=10)}
 
 
 @pytest.fixture(scope="module")
