@@ -64,11 +64,22 @@ class HubProcess:
     def running(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"hub exited {self.proc.returncode}:\n{self.log()[-3000:]}")
-        try:  # the control socket is a path: reachable from any namespace
-            control.request(self.control_path, [("get", "1")], timeout=5)
+        try:
+            self._request("get")
         except control.ControlError:
             return False
         return True
+
+    def _request(self, what: str) -> list:
+        """One control request. The socket is a path, reachable from any network namespace;
+        from this process, unless the state directory lives in a mount namespace of the hub's
+        own (tests/test_disk_netns.py), where a process started in its namespace asks."""
+        if os.path.isdir(self.state_dir):
+            return control.request(self.control_path, [(what, "1")], timeout=10)
+        done = self.ns.run([PY, "-c", _REQUEST, self.control_path, what], check=False)
+        if done.returncode != 0:
+            raise control.ControlError(done.stderr.strip()[-300:])
+        return json.loads(done.stdout)
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 10.0) -> int | None:
         """Signal the hub and wait for it (SIGKILL after `timeout`); its exit status."""
@@ -103,7 +114,7 @@ class HubProcess:
 
     def stats(self) -> dict[str, str]:
         """The control socket's `stats` answer: counters by name."""
-        return dict(control.request(self.control_path, [("stats", "1")], timeout=10))
+        return dict(self._request("stats"))
 
     def drops(self) -> dict[str, int]:
         return {k[5:]: int(v) for k, v in self.stats().items() if k.startswith("drop_")}
@@ -198,6 +209,13 @@ def who_am_i(client: Netns, server: Netns, host: str, port: int) -> str:
         server.procs.remove(proc)
 
 
+
+
+_REQUEST = """
+import json, sys
+from pytun.common import control
+print(json.dumps(control.request(sys.argv[1], [(sys.argv[2], "1")], timeout=10)))
+"""
 
 
 def write_config(tmp_path, name: str, text: str) -> str:
