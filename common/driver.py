@@ -181,18 +181,18 @@ class Driver:
         v6 = self.sock.family == socket.AF_INET6
         if not v6 and ip.version == 6:
             return 0
+        # The control message a datagram received at `address` would have made (_reply_cmsg).
+        if v6:
+            as_v6 = bytes(10) + b"\xff\xff" + ip.packed if ip.version == 4 else ip.packed
+            cmsg = _reply_cmsg(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, as_v6)
+        else:
+            cmsg = _reply_cmsg(socket.IPPROTO_IP, IP_PKTINFO, bytes(8) + ip.packed)
         n = 0
         for endpoint in endpoints:
             host = str(endpoint[0])
             mapped = host.startswith("::ffff:") and "." in host
             if (ip.version == 4) != (mapped or ":" not in host):
                 continue
-            if v6:
-                raw = (bytes(10) + b"\xff\xff" + ip.packed if ip.version == 4 else ip.packed)
-                cmsg = [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, raw + bytes(4))]
-            else:
-                cmsg = [(socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=I4s4s", 0, ip.packed,
-                                                                    bytes(4)))]
             self._seen_local.pop(endpoint, None)
             self._reply_from[endpoint] = cmsg
             n += 1
