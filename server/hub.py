@@ -235,12 +235,7 @@ class Hub:
         psk = keys.parse_psk(record.preshared_key) if record.preshared_key else None
         allowed = [*(ipaddress.ip_network(a, strict=False) for a in record.addresses),
                    *record.sites]
-        endpoint = None
-        if record.endpoint and self.sock is not None:
-            try:  # as stored: "198.51.100.18:40000" or "[2001:db8::2]:40000"
-                endpoint = Endpoint.parse(record.endpoint).sockaddr(self.sock.family)
-            except ValueError:
-                endpoint = None
+        endpoint = self._stored_endpoint(record.endpoint)
         seen = record.last_handshake
         recent = self._last_seen.pop(record.public_key, None)  # removed from this device lately
         if recent is not None and recent[1] > (seen or 0):
@@ -253,6 +248,16 @@ class Hub:
                                              self._pending_ts.get(record.public_key, b""))
         self.peers[record.name] = (_peer_spec(record), engine_peer)
         return engine_peer
+
+    def _stored_endpoint(self, text: str | None):
+        """A registry endpoint ("198.51.100.18:40000", "[2001:db8::2]:40000") as this hub's
+        socket addresses it; None when there is none or it does not parse."""
+        if not text or self.sock is None:
+            return None
+        try:
+            return Endpoint.parse(text).sockaddr(self.sock.family)
+        except ValueError:
+            return None
 
     def _remember(self, public_key: str, engine_peer) -> None:
         if len(self._last_seen) >= 4096:  # only the recent ones are ever called back
@@ -338,10 +343,10 @@ class Hub:
             if not r.endpoint or not r.last_handshake or self.sock is None or \
                     r.last_handshake <= (p.last_handshake_wall or 0):
                 continue
-            try:
-                p.endpoint = Endpoint.parse(r.endpoint).sockaddr(self.sock.family)
-            except ValueError:
+            endpoint = self._stored_endpoint(r.endpoint)
+            if endpoint is None:
                 continue
+            p.endpoint = endpoint
             p.last_handshake_wall = r.last_handshake
             self._recorded[r.name] = (r.endpoint, r.last_handshake)
             taken += 1
