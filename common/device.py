@@ -5,8 +5,9 @@
     device.tick(now)                        timers; call a few times a second
     device.set_standby(True)                a hot standby: sessions gone, nothing answered
 
-Effects accumulate in three lists the caller drains: `net_out` of (datagram, endpoint),
-`tun_out` of IP packets, and `events` of (kind, peer, detail) for logs. Endpoints are opaque
+Effects accumulate in lists the caller drains: `net_out` of (datagram, endpoint), `tun_out`
+of IP packets, `events` of (kind, peer, detail) for logs, and, for one of several data-plane
+workers, `handoff_out` of what belongs to another worker (see "Workers" below). Endpoints are opaque
 socket addresses; `now` is monotonic seconds. Randomness (`rng(n) -> bytes`) and the wall clock
 for TAI64N timestamps are injected. Every drop is counted in `drops` by reason.
 
@@ -15,6 +16,14 @@ rate limit, index lookup, replay quick check, AEAD, replay mark. Only an authent
 packet moves the peer's endpoint (roaming, as the kernel does: also a keepalive, and before the
 inner source address is checked); a packet whose inner source is not the peer's is then
 dropped and counted.
+
+Workers: a hub may run several devices with one key, one per process (server/workers.py),
+each with the peers `steering.owner_of` gives it, and the others' allowed IPs as `Foreign`
+entries of the same table (so longest match and the source checks see every peer). A tunnel
+packet for a foreign peer, and an initiation from a key another worker owns (known once the
+static key is decrypted, before any further work), go to `handoff_out` as (worker, kind, data,
+source, state); the owner's caller hands them to `receive_handoff`, which carries on where the
+first device stopped: no DH is done twice, and replay state stays with the owner.
 """
 
 from __future__ import annotations
@@ -35,6 +44,8 @@ from .peer import (HANDSHAKE_INITIATION_RATE, Event, RECEIVE_REKEY_AGE, REJECT_A
 from .timers import Timers
 
 MAX_WAITING = 1024  # initiations from keys not configured, kept for answer_waiting()
+HANDOFF_PACKET = 1  # a tunnel packet for a peer of another worker
+HANDOFF_INITIATION = 2  # an initiation whose static key another worker owns; state: ck, h, key
 
 # wire.py owns the format; bound here as names for the hot path.
 _TRANSPORT_HDR = wire.TRANSPORT_HDR
@@ -43,6 +54,20 @@ _PAYLOAD = wire.TRANSPORT_HEADER_LEN
 _PREFIX = wire.TRANSPORT_PREFIX
 _PAD = bytes(16)
 UNDER_LOAD_WINDOW = 1.0
+
+
+class Foreign:
+    """An allowed-IPs entry of a peer that another worker owns."""
+
+    __slots__ = ("worker", "name")
+    current = None  # never a session here: Device.send takes the slow path, which hands over
+
+    def __init__(self, worker: int, name: str | None = None):
+        self.worker = worker
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Foreign(worker={self.worker}, name={self.name!r})"
 
 
 def rekey_due(kp: Keypair, now: float) -> bool:
@@ -77,6 +102,9 @@ class Device(Timers):
         self.net_out: list[tuple[Packet, Endpoint]] = []
         self.tun_out: list[Packet] = []
         self.events: list[tuple[Event, Peer, Any]] = []
+        # (worker, HANDOFF_*, data, source or None, state): for the worker that owns the peer
+        self.handoff_out: list[tuple[int, int, bytes, Endpoint | None, bytes]] = []
+        self.handoffs: Counter[str] = Counter()  # packets_out, initiations_out, *_in
         self.drops: Counter[str] = Counter()
         # Datagrams of a type WireGuard does not use go to other_handler(data, src, now) when
         # one is set (the hub's enrollment, server/invites.py); True means it took the datagram.
@@ -113,6 +141,19 @@ class Device(Timers):
         for network in allowed_ips:
             self.allowed_ips.insert(network, peer)
         return peer
+
+    def add_foreign(self, worker: int, allowed_ips: Iterable[Any], name: str | None = None
+                    ) -> Foreign:
+        """Route `allowed_ips` to another worker's peer; returns the entry (remove_foreign)."""
+        if not 0 <= worker < self.worker[1] or worker == self.worker[0]:
+            raise ValueError(f"worker {worker} is not another worker of {self.worker[1]}")
+        entry = Foreign(worker, name)
+        for network in allowed_ips:
+            self.allowed_ips.insert(network, entry)
+        return entry
+
+    def remove_foreign(self, entry: Foreign) -> None:
+        self.allowed_ips.remove_by_peer(entry)
 
     def remove_peer(self, public_key: bytes) -> None:
         peer = self.peers.pop(public_key, None)
@@ -189,6 +230,9 @@ class Device(Timers):
             self.data_sent(peer, now)
 
     def _send_slow(self, peer: Peer, kp: Keypair | None, packet: Packet, now: float) -> None:
+        if isinstance(peer, Foreign):  # another worker's peer: the packet goes there
+            self._hand_over(peer, packet)
+            return
         if (kp is None or peer.staged or peer.endpoint is None or not kp.can_send(now)):
             if not peer.stage(bytes(packet)):
                 self.drops["staged_overflow"] += 1  # the oldest waiting packet was pushed out
@@ -198,6 +242,10 @@ class Device(Timers):
         self.data_sent(peer, now)
         if rekey_due(kp, now):
             self.initiate(peer, now, retry=False)
+
+    def _hand_over(self, entry: Any, packet: Packet) -> None:
+        self.handoff_out.append((entry.worker, HANDOFF_PACKET, bytes(packet), None, b""))
+        self.handoffs["packets_out"] += 1
 
     def _seal(self, peer: Peer, kp: Keypair, packet: Packet, now: float) -> None:
         n = len(packet)
@@ -345,6 +393,51 @@ class Device(Timers):
         except CryptoFailure:
             self.drops["bad_initiation"] += 1
             return
+        if self.worker[1] > 1:
+            owner = steering.owner_of(initiator_static, self.worker[1])
+            if owner != self.worker[0]:
+                self.handoff_out.append((owner, HANDOFF_INITIATION, data, src,
+                                         ck + h + initiator_static))
+                self.handoffs["initiations_out"] += 1
+                return
+        self._continue_initiation(msg, data, initiator_static, ck, h, src, now)
+
+    def receive_handoff(self, kind: int, data: Packet, src: Endpoint | None, state: bytes,
+                        now: float) -> None:
+        """What another worker handed over (its handoff_out): a tunnel packet for one of our
+        peers, or an initiation from a key we own, checked there up to the static key."""
+        if self.standby:
+            self.drops["standby"] += 1
+            return
+        if kind == HANDOFF_PACKET:
+            self.handoffs["packets_in"] += 1
+            peer = self.allowed_ips.lookup_packet_dst(data)
+            if peer is None or peer.__class__ is Foreign:  # changed meanwhile: not ours now
+                self.drops["no_route"] += 1
+                return
+            kp = peer.current
+            if (kp is None or peer.staged or now >= kp.fresh_until or peer.endpoint is None
+                    or kp.send_counter >= REKEY_AFTER_MESSAGES):
+                self._send_slow(peer, kp, data, now)
+                return
+            self._seal(peer, kp, data, now)
+            if peer.new_handshake_at is None:
+                self.data_sent(peer, now)
+            return
+        if kind != HANDOFF_INITIATION or len(state) != 96 or src is None:
+            self.drops["bad_handoff"] += 1
+            return
+        self.handoffs["initiations_in"] += 1
+        data = bytes(data)
+        try:
+            msg = wire.parse_initiation(data)
+        except wire.BadPacket as exc:
+            self.drops[exc.reason] += 1
+            return
+        self._continue_initiation(msg, data, state[64:], state[:32], state[32:64], src, now)
+
+    def _continue_initiation(self, msg: wire.Initiation, data: bytes, initiator_static: bytes,
+                             ck: bytes, h: bytes, src: Endpoint, now: float) -> None:
         peer = self.peers.get(initiator_static)
         if peer is None:
             self.drops["unknown_peer"] += 1

@@ -28,6 +28,7 @@ import trio
 
 from . import linux, tcpgro, tunoffload
 from .endpoint import Endpoint as UdpEndpoint
+from .device import HANDOFF_PACKET
 from .peer import Endpoint, Event, Packet, Peer
 
 if TYPE_CHECKING:
@@ -52,8 +53,33 @@ UDP_GRO = 104
 ANCILLARY = 128  # room for IP_PKTINFO (or IPV6_PKTINFO) and UDP_GRO
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
+_PACKET_BYTE = bytes([HANDOFF_PACKET])
 _NO_GSO_ERRNOS = {errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 MAX_STICKY = 1 << 16
+HANDOFF_HEADROOM = 512  # room for an initiation's source, local address and state
+_HANDOFF_HDR = struct.Struct("=BBH")  # kind, local-address length, source length
+
+
+class Handoff:
+    """The sockets one worker hands packets and initiations over with: `inbox` to read,
+    `outboxes[i]` to write to worker i (None for itself). Unix datagram sockets, non-blocking:
+    what does not fit is dropped and counted (handoff_full), like a full UDP socket."""
+
+    def __init__(self, inbox: socket.socket, outboxes: list[socket.socket | None]):
+        self.inbox = inbox
+        self.outboxes = outboxes
+        for s in (inbox, *outboxes):
+            if s is not None:
+                s.setblocking(False)
+
+
+def encode_source(src: Endpoint) -> bytes:
+    return "\n".join(str(part) for part in src).encode()
+
+
+def decode_source(data: bytes) -> Endpoint:
+    parts = data.decode().split("\n")
+    return (parts[0], *(int(p) for p in parts[1:]))
 
 
 def open_udp(port: int = 0, *, mark: int = 0) -> socket.socket:
@@ -128,7 +154,8 @@ class Driver:
 
     def __init__(self, device: Device, tun_fd: int, sock: socket.socket, *,
                  on_event: EventHandler | None = None, sticky: bool = False, gso: bool = True,
-                 vnet_hdr: bool = False, tun_offload: bool = False):
+                 vnet_hdr: bool = False, tun_offload: bool = False,
+                 handoff: Handoff | None = None):
         self.device = device
         self.tun_fd = tun_fd
         self.sock = sock
@@ -164,6 +191,10 @@ class Driver:
         self._bufs = [self._buf]
         self._view = memoryview(self._buf)
         self._drain_udp = self._drain_udp_sticky if sticky else self._drain_udp_plain
+        # One of several workers (Device.handoff_out): a datagram socket this worker reads what
+        # the others hand it from, and one to write to each other worker (None: this one).
+        self.handoff = handoff
+        self._hbuf = bytearray(MAX_PACKET + HANDOFF_HEADROOM if handoff is not None else 0)
         if sticky:
             if sock.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
@@ -277,11 +308,14 @@ class Driver:
         drain_udp = self._drain_udp
         drain_tun = self._drain_tun_offload if self.tun_offload else self._drain_tun
         flush_tun, flush_nowait = self.flush_nowait_tun, self.flush_nowait
+        inbox = self.handoff.inbox.fileno() if self.handoff is not None else -1
         ep = select.epoll()
         try:
             ep.register(sock_fd, select.EPOLLIN)
             ep.register(tun_fd, select.EPOLLIN)
             ep.register(wake, select.EPOLLIN)
+            if inbox >= 0:
+                ep.register(inbox, select.EPOLLIN)
             poll = ep.poll
             blocked = False  # datagrams wait for room in the socket: TUN reads pause
             tick, next_wakeup = self.tick_interval, device.next_wakeup
@@ -295,18 +329,22 @@ class Driver:
                 timeout = min(next_tick, next_beat) - monotonic()
                 events = poll(timeout if timeout > 0 else 0)
                 now = monotonic()
-                udp = tun = False
+                udp = tun = handed = False
                 for fd, _ in events:
                     if fd == sock_fd:
                         udp = True
                     elif fd == tun_fd:
                         tun = True
+                    elif fd == inbox:
+                        handed = True
                     else:
                         try:
                             os.eventfd_read(wake)
                         except BlockingIOError:
                             pass
                 with lock:
+                    if handed:
+                        self._drain_handoff(now)
                     if udp:
                         drain_udp(now)
                         flush_tun()
@@ -425,6 +463,70 @@ class Driver:
                 offload["gso_segments"] += segments
             budget -= segments
 
+    def _drain_handoff(self, now: float) -> None:
+        """What other workers handed over: tunnel packets for our peers, initiations from our
+        peers' keys (with the local address they came to, so the reply leaves from it)."""
+        assert self.handoff is not None
+        recv_into, receive = self.handoff.inbox.recv_into, self.device.receive_handoff
+        buf, view, hdr = self._hbuf, memoryview(self._hbuf), _HANDOFF_HDR
+        for _ in range(BATCH):
+            try:
+                n = recv_into(buf)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.io_errors["handoff_error"] += 1
+                return
+            if n < 1:
+                continue
+            if buf[0] == HANDOFF_PACKET:
+                receive(HANDOFF_PACKET, view[1:n], None, b"", now)
+                continue
+            if n < hdr.size + 96:
+                self.device.drops["bad_handoff"] += 1
+                continue
+            kind, local_len, src_len = hdr.unpack_from(buf, 0)
+            at = hdr.size
+            local = bytes(buf[at:at + local_len])
+            at += local_len
+            try:
+                src = decode_source(bytes(buf[at:at + src_len]))
+            except (ValueError, UnicodeDecodeError):
+                self.device.drops["bad_handoff"] += 1
+                continue
+            at += src_len
+            if local and self.sticky:
+                self._seen_local[src] = local
+                self._reply_from[src] = _reply_cmsg(*self._pktinfo_kind(), local)
+            receive(kind, bytes(buf[at + 96:n]), src, bytes(buf[at:at + 96]), now)
+
+    def _pktinfo_kind(self) -> tuple[int, int]:
+        if self.sock.family == socket.AF_INET6:
+            return socket.IPPROTO_IPV6, socket.IPV6_PKTINFO
+        return socket.IPPROTO_IP, IP_PKTINFO
+
+    def _hand_off(self) -> None:
+        """Send the device's handoffs to their workers, without waiting."""
+        assert self.handoff is not None
+        device = self.device
+        out, device.handoff_out = device.handoff_out, []
+        outboxes, kind_byte = self.handoff.outboxes, _PACKET_BYTE
+        for worker, kind, data, src, state in out:
+            box = outboxes[worker]
+            try:
+                if kind == HANDOFF_PACKET:
+                    box.sendmsg((kind_byte, data))  # type: ignore[union-attr]
+                else:
+                    assert src is not None
+                    local = self._seen_local.get(src, b"")
+                    source = encode_source(src)
+                    head = _HANDOFF_HDR.pack(kind, len(local), len(source))
+                    box.sendmsg((head, local, source, state, data))  # type: ignore[union-attr]
+            except BlockingIOError:
+                device.drops["handoff_full"] += 1
+            except OSError:
+                self.io_errors["handoff_error"] += 1
+
     def flush_nowait_tun(self) -> None:
         device = self.device
         if not device.tun_out:
@@ -450,6 +552,8 @@ class Driver:
         """Carry out what the device asked for without waiting. Datagrams the socket cannot
         take now stay queued, in order; returns True when some are left."""
         device = self.device
+        if self.handoff is not None and device.handoff_out:
+            self._hand_off()
         self.flush_nowait_tun()
         if device.net_out:
             out, device.net_out = device.net_out, []

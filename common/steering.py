@@ -77,3 +77,12 @@ def index_for_worker(raw: int, worker: int, workers: int) -> int:
     slots = (256 - worker + workers - 1) // workers  # low bytes 0..255 that name `worker`
     low = worker + workers * ((raw & 0xFF) % slots)
     return (raw & ~0xFF & 0xFFFFFFFF) | low
+
+
+def owner_of(public_key: bytes, workers: int) -> int:
+    """The worker that owns the peer with this public key: it alone holds the peer's sessions,
+    timers and replay state. Keys are uniformly random, so their first bytes spread the peers
+    evenly; the same key names the same worker in every process."""
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ValueError(f"workers must be 1..{MAX_WORKERS}, not {workers}")
+    return int.from_bytes(public_key[:8], "little") % workers
