@@ -82,14 +82,15 @@ def decode_source(data: bytes) -> Endpoint:
     return (parts[0], *(int(p) for p in parts[1:]))
 
 
-def open_udp(port: int = 0, *, mark: int = 0) -> socket.socket:
-    """One non-blocking UDP socket for IPv4 and IPv6 (dual stack, IPv4-only if v6 is off)."""
+def open_udp(port: int = 0, *, mark: int = 0, reuse_port: bool = False) -> socket.socket:
+    """One non-blocking UDP socket for IPv4 and IPv6 (dual stack, IPv4-only if v6 is off).
+    With `reuse_port`, one of a group on the same port (a worker's, see steering.py)."""
     try:
-        sock = _bound(socket.AF_INET6, ("::", port))
+        sock = _bound(socket.AF_INET6, ("::", port), reuse_port)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise OSError(exc.errno, f"UDP port {port} is already in use") from None
-        sock = _bound(socket.AF_INET, ("0.0.0.0", port))  # no IPv6 on this host
+        sock = _bound(socket.AF_INET, ("0.0.0.0", port), reuse_port)  # no IPv6 on this host
     # Room for bursts: the FORCE variants (CAP_NET_ADMIN) may exceed net.core.[rw]mem_max,
     # which is 208 KiB (about 140 full datagrams) on a stock kernel.
     for force, opt in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
@@ -112,9 +113,11 @@ def open_udp(port: int = 0, *, mark: int = 0) -> socket.socket:
     return sock
 
 
-def _bound(family: int, address: tuple[Any, ...]) -> socket.socket:
+def _bound(family: int, address: tuple[Any, ...], reuse_port: bool = False) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(address)

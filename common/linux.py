@@ -32,6 +32,7 @@ TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
 TUNSETOFFLOAD = 0x400454D0
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
 TUN_F_USO4, TUN_F_USO6 = 0x20, 0x40
@@ -62,13 +63,15 @@ def check_ifname(name: str) -> str:
     return name
 
 
-def open_tun(name: str, *, vnet_hdr: bool = False) -> tuple[int, str]:
+def open_tun(name: str, *, vnet_hdr: bool = False, multi_queue: bool = False
+             ) -> tuple[int, str]:
     """Create (or attach to) the TUN device `name`; return its non-blocking fd and actual name.
 
     The device lives as long as the fd: closing it removes the interface. With `vnet_hdr`,
     every packet read or written starts with a 10-byte virtio_net_hdr, which lets a write
     carry a run of TCP segments as one (see tcpgro.py); reads stay plain packets until
-    `set_tun_offload` asks for large ones.
+    `set_tun_offload` asks for large ones. With `multi_queue`, each call with the same name
+    adds a queue to one device (one per data-plane worker); the device goes with the last.
     """
     check_ifname(name)
     try:
@@ -83,7 +86,8 @@ def open_tun(name: str, *, vnet_hdr: bool = False) -> tuple[int, str]:
         raise LinuxError(f"cannot open /dev/net/tun: {exc.strerror}") from None
     try:
         ifr = fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(
-            name.encode(), IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)))
+            name.encode(), IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+            | (IFF_MULTI_QUEUE if multi_queue else 0)))
     except OSError as exc:
         os.close(fd)
         why: str | None = {

@@ -32,7 +32,7 @@ import time
 import trio
 
 from ..common.errors import PytunError
-from ..common import control, keys, linux
+from ..common import control, keys, linux, steering
 from ..common.device import Device
 from ..common.peer import Event
 from ..common.runner import DeviceLink
@@ -68,13 +68,17 @@ def _peer_spec(record) -> tuple:
 
 class Hub:
     def __init__(self, state_dir: str, settings: state.HubSettings, private_key: bytes,
-                 registry: Registry):
+                 registry: Registry, *, worker: tuple[int, int] = (0, 1)):
         self.state_dir = state_dir
         self.settings = settings
         self.registry = registry
+        # One of several data-plane workers (server/workers.py): this hub's device holds the
+        # peers steering.owner_of gives it, and routes the others' addresses to their owner.
         self.device = Device(private_key, mtu=settings.mtu,
                              allow_peer_to_peer=settings.allow_peer_to_peer,
-                             under_load_threshold=settings.under_load_threshold)
+                             under_load_threshold=settings.under_load_threshold, worker=worker)
+        self._owners: dict[str, int] = {}  # public key (text) -> its worker, when several
+        self.foreign: dict[str, tuple[tuple, object]] = {}  # name -> (spec, Foreign entry)
         self.clock = time.monotonic
         self._dirty: dict[str, object] = {}  # name -> engine peer seen to handshake or move
         self._pending_ts: dict[str, bytes] = {}  # public key -> greatest TAI64N, not yet stored
@@ -128,7 +132,7 @@ class Hub:
         # Only once all is read: a registry that failed halfway (a lost connection) leaves the
         # token as it was, so the next poll tries again.
         self._token = token
-        wanted = {r.name: r for r in records if not r.disabled}
+        wanted = {r.name: r for r in records if not r.disabled and self.owns(r)}
         self._refused = {r.name for r in records if r.disabled}
         for r in records:
             if r.name in self.peers and r.name not in wanted and r.expired(now):
@@ -141,7 +145,46 @@ class Hub:
         with self._device():
             if self.view is not None:
                 self.device.allow_peer_to_peer = self._reaches_peers
+            if self.device.worker[1] > 1:
+                self._apply_foreign({r.name: r for r in records
+                                     if not r.disabled and r.name not in wanted})
             return self._apply(wanted)
+
+    def owns(self, record) -> bool:
+        """Whether this hub's device holds `record`'s peer (always, unless one of workers)."""
+        index, count = self.device.worker
+        if count == 1:
+            return True
+        owner = self._owners.get(record.public_key)
+        if owner is None:
+            try:
+                owner = steering.owner_of(keys.parse_public(record.public_key), count)
+            except keys.BadKey:
+                owner = index  # _add says why it is not loaded
+            if len(self._owners) > 65536:
+                self._owners.clear()
+            self._owners[record.public_key] = owner
+        return owner == index
+
+    def _apply_foreign(self, others: dict) -> None:
+        """The other workers' peers: their allowed IPs route to their owner (under the lock)."""
+        for name in list(self.foreign):
+            spec, entry = self.foreign[name]
+            record = others.get(name)
+            if record is None or _peer_spec(record) != spec:
+                self.device.remove_foreign(entry)
+                del self.foreign[name]
+        for name, record in others.items():
+            if name in self.foreign:
+                continue
+            try:
+                allowed = [*(ipaddress.ip_network(a, strict=False) for a in record.addresses),
+                           *record.sites]
+                owner = self._owners[record.public_key]
+                entry = self.device.add_foreign(owner, allowed, name)
+            except (ValueError, KeyError):
+                continue
+            self.foreign[name] = (_peer_spec(record), entry)
 
     def _warn_expiring(self, records, now: float) -> None:
         """One log line per peer when it comes within `expiry_warning` of its expiry."""

@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cleanup", action="store_true",
                    help="remove what a crashed hub left behind (firewall rules, ip_forward, "
                         "interface, control socket) and exit")
+    p.add_argument("--workers", metavar="N",
+                   help="data-plane worker processes: a number, or auto for one per core"
+                        " (default: workers in hub.json, else 1)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--log-format", choices=logformat.FORMATS, default="text",
                    help="text (default, for the journal), or json or logfmt lines with the"
@@ -106,11 +109,17 @@ def _serve(args) -> int:
                                 f"(pytun-admin restore)")
     else:
         log.info("registry %s", mask(settings.registry))
+    from .workers import Supervisor, resolve_workers
+    count = resolve_workers(args.workers if args.workers is not None else settings.workers)
     registry = state.open_hub_registry(args.state_dir, settings)
+    if count > 1:
+        hub = Supervisor(args.state_dir, settings, private_key, registry, count=count,
+                         verbose=args.verbose, log_format=args.log_format)
+    else:
+        hub = Hub(args.state_dir, settings, private_key, registry)
     try:
         with cli.unwrapped():  # an error in one of the hub's tasks comes in a group of one
-            trio.run(Hub(args.state_dir, settings, private_key, registry).run,
-                     strict_exception_groups=True)
+            trio.run(hub.run, strict_exception_groups=True)
     except StartupError as exc:
         raise StartupError(f"cannot start: {exc}") from None
     except KeyboardInterrupt:

@@ -153,6 +153,8 @@ class HubSettings:
     # A PostgreSQL registry's URL (postgresql://...); None: registry.db in the state directory.
     # It may hold a password, so it stays out of repr (and the logs): mask() shows it.
     registry: str | None = field(default=None, repr=False)
+    # Data-plane workers (server/workers.py): a number, or "auto" for one per core.
+    workers: int | str = 1
 
     def __post_init__(self) -> None:
         given = [self.subnet, *([self.subnet6] if self.subnet6 else [])]
@@ -204,6 +206,10 @@ class HubSettings:
                 or not 1 <= self.under_load_threshold <= 1_000_000):
             raise StateError(f"under-load threshold must be from 1 to 1000000 handshakes a "
                              f"second, not {self.under_load_threshold!r}")
+        if self.workers != "auto" and (not isinstance(self.workers, int)
+                                       or isinstance(self.workers, bool)
+                                       or not 1 <= self.workers <= 64):
+            raise StateError(f"workers must be from 1 to 64, or auto, not {self.workers!r}")
         if self.registry is not None and not is_url(self.registry):
             raise StateError("registry: give a postgresql:// URL (or leave it out for the"
                              " SQLite file in the state directory)")  # not echoed: a secret?
@@ -241,6 +247,8 @@ class HubSettings:
             del d["under_load_threshold"]  # unchanged: the file stays what older hubs read
         if self.expiry_warning == DEFAULT_EXPIRY_WARNING:
             del d["expiry_warning"]
+        if self.workers == 1:
+            del d["workers"]
         return json.dumps({"version": SETTINGS_VERSION, **d}, indent=2) + "\n"
 
     @classmethod

@@ -51,12 +51,13 @@ class HubProcess:
         """Register a laptop and return the wg-quick config add-peer printed."""
         return self.admin("add-peer", name, *args).stdout
 
-    def start(self, timeout: float = 15.0) -> float:
+    def start(self, timeout: float = 15.0, args=()) -> float:
         """Start pytun-server; returns the seconds until its control socket answered."""
         t0 = time.monotonic()
         with open(self.log_path, "a") as log:
             self.proc = self.ns.popen([PY, "-m", "pytun.server.main", "--state-dir",
-                                       self.state_dir], stdout=log, stderr=subprocess.STDOUT)
+                                       self.state_dir, *args], stdout=log,
+                                      stderr=subprocess.STDOUT)
         wait_until(self.running, timeout=timeout, interval=0.02,
                    what=f"the hub to answer (log: {self.log_path})")
         return time.monotonic() - t0
