@@ -308,6 +308,9 @@ class Exposition:
     def render(self) -> bytes:
         hub = self.hub
         with self._lock:
+            refresh = getattr(hub, "refresh", None)  # a hub with workers asks them first
+            if refresh is not None:
+                refresh()
             snapshot = list(hub.peers.items())  # one atomic copy; the trio side may change it
             self.collector.snapshot = snapshot
             text = self.peers.render(hub.settings.interface, snapshot,

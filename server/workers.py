@@ -43,6 +43,7 @@ from ..common.runner import offload_wanted
 from ..common.sdnotify import Notifier
 from . import nat, policy, state
 from .hub import HA_ROLES, REGISTRY_POLL, Hub, StartupError, _egress_interfaces
+from .metrics import MetricsError, MetricsServer
 from .ops import Operations
 
 log = logging.getLogger("pytun")
@@ -82,8 +83,28 @@ class WorkerHub(Hub):
     async def apply_firewall(self) -> None:
         return  # the supervisor's, which reads the same registry
 
+    def metrics_pairs(self) -> list[tuple[str, str]]:
+        """What the supervisor's metrics need of this worker (never a preshared key)."""
+        with self._device() as device:
+            now = self.clock()
+            pairs = [("handshakes_completed", str(device.handshakes_completed)),
+                     ("handshakes_gave_up", str(device.handshakes_gave_up)),
+                     ("under_load", "1" if device.under_load(now) else "0"),
+                     *((f"drop_{k}", str(n)) for k, n in sorted(device.drops.items()))]
+            for name, (spec, p) in self.peers.items():
+                current = p.current
+                pairs += [("peer", name), ("public_key", spec[0]), ("address", spec[1]),
+                          ("sites", ",".join(spec[2])), ("tx", str(p.tx_bytes)),
+                          ("rx", str(p.rx_bytes)), ("wall", repr(p.last_handshake_wall or 0)),
+                          ("mono", repr(p.last_handshake if p.last_handshake is not None
+                                        else -1.0)),
+                          ("created", repr(current.created if current is not None else -1.0))]
+        return pairs
+
     def handle_control(self, pairs):
         keys_ = [k for k, _ in pairs]
+        if keys_ == ["metrics"]:
+            return self.metrics_pairs()
         if keys_ == ["stats"]:
             pairs = super().handle_control(pairs)
             with self._device() as device:
@@ -180,6 +201,99 @@ def worker_main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------- supervisor
 
 
+class _Session:
+    __slots__ = ("created",)
+
+    def __init__(self, created: float):
+        self.created = created
+
+
+class _PeerView:
+    """A worker's peer as the metrics read it (server/metrics.py)."""
+
+    __slots__ = ("tx_bytes", "rx_bytes", "last_handshake_wall", "last_handshake", "current")
+
+
+class _DeviceTotals:
+    """The workers' devices summed, as the metrics read a device."""
+
+    def __init__(self):
+        self.drops: Counter[str] = Counter()
+        self.handshakes_completed = 0
+        self.handshakes_gave_up = 0
+        self.loaded = False
+
+    def under_load(self, now: float) -> bool:
+        return self.loaded
+
+
+class MergedView:
+    """The hub the metrics server sees with workers: every worker asked at each scrape (the
+    monotonic clock is the machine's, so handshake ages compare across processes)."""
+
+    def __init__(self, supervisor: "Supervisor"):
+        self.supervisor = supervisor
+        self.settings = supervisor.settings
+        self.peers: dict[str, tuple[tuple, _PeerView]] = {}
+        self.device = _DeviceTotals()
+
+    @property
+    def records(self):
+        return self.supervisor.records
+
+    @property
+    def role(self) -> str:
+        return self.supervisor.role
+
+    def refresh(self) -> None:
+        """In the metrics thread: ask each worker (a worker that does not answer is left out
+        of this scrape, and logged)."""
+        peers: dict[str, tuple[tuple, _PeerView]] = {}
+        totals = _DeviceTotals()
+        for i in range(self.supervisor.count):
+            try:
+                answer = control.request(worker_socket_path(self.supervisor.state_dir, i),
+                                         [("metrics", "1")], ASK_TIMEOUT)
+            except control.ControlError as exc:
+                log.warning("metrics: worker %d did not answer: %s", i, exc)
+                continue
+            _merge(answer, peers, totals)
+        self.peers, self.device = peers, totals
+
+
+def _merge(answer, peers: dict, totals: _DeviceTotals) -> None:
+    row: dict[str, str] = {}
+
+    def close() -> None:
+        if not row:
+            return
+        p = _PeerView()
+        p.tx_bytes, p.rx_bytes = int(row["tx"]), int(row["rx"])
+        p.last_handshake_wall = float(row["wall"]) or None
+        mono, created = float(row["mono"]), float(row["created"])
+        p.last_handshake = mono if mono >= 0 else None
+        p.current = _Session(created) if created >= 0 else None
+        sites = tuple(x for x in row.get("sites", "").split(",") if x)
+        peers[row["peer"]] = ((row["public_key"], row["address"], sites), p)
+        row.clear()
+
+    for key, value in answer:
+        if key == "peer":
+            close()
+            row["peer"] = value
+        elif row:
+            row[key] = value
+        elif key == "handshakes_completed":
+            totals.handshakes_completed += int(value)
+        elif key == "handshakes_gave_up":
+            totals.handshakes_gave_up += int(value)
+        elif key == "under_load":
+            totals.loaded = totals.loaded or value == "1"
+        elif key.startswith("drop_"):
+            totals.drops[key[5:]] += int(value)
+    close()
+
+
 def resolve_workers(value) -> int:
     """`workers` as the settings or the command line give it: a number, or "auto" (the cores
     this process may run on)."""
@@ -207,7 +321,7 @@ class Supervisor(Hub):
         self.verbose = verbose
         self.log_format = log_format
         self.procs: list[subprocess.Popen] = []
-        self.records_count = 0
+        self.metrics: MetricsServer | None = None
 
     def owns(self, record) -> bool:
         return False  # every peer is a worker's
@@ -332,6 +446,15 @@ class Supervisor(Hub):
             opened = []
             self.sock = None
             await self._wait_ready()
+            if s.metrics:
+                try:
+                    self.metrics = MetricsServer(MergedView(self), s.metrics,
+                                                 s.metrics_token_file)
+                    self.metrics.start()
+                except MetricsError as exc:
+                    raise StartupError(str(exc)) from None
+                log.info("metrics on http://%s/metrics%s", self.metrics.address,
+                         " (bearer token required)" if self.metrics.token else "")
             notifier = self.ops.notifier
             async with trio.open_nursery() as nursery:
                 await nursery.start(control.serve, state.socket_path(self.state_dir),
@@ -353,6 +476,9 @@ class Supervisor(Hub):
                 nursery.cancel_scope.cancel()
         finally:
             self.ops.notifier.notify("STOPPING=1", "STATUS=stopping")
+            if self.metrics is not None:
+                self.metrics.stop()
+                self.metrics = None
             await trio.to_thread.run_sync(self._stop_workers)
             for thing in [*tuns, *socks, *(x for pair in pairs for x in pair)]:
                 thing.close() if hasattr(thing, "close") else os.close(thing)

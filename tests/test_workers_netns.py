@@ -25,6 +25,11 @@ from .test_hub_netns import _rules, tcp_transfer
 pytestmark = pytest.mark.netns
 
 WORKERS = 2
+METRICS = "127.0.0.1:9586"
+SCRAPE = r"""
+import sys, urllib.request
+print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())
+"""
 
 
 def key_for(worker: int) -> tuple[str, str]:
@@ -54,7 +59,7 @@ def net(tmp_path_factory, netns_ok):
     from .netns import Topology
     tmp = tmp_path_factory.mktemp("workers")
     with Topology() as topo:
-        hub = Hub(topo, tmp, init_args=("--allow-peer-to-peer",))
+        hub = Hub(topo, tmp, init_args=("--allow-peer-to-peer", "--metrics", METRICS))
         hub.admin("access", "add", "everyone", "hub", "tcp/5001")
         hub.start(args=("--workers", str(WORKERS)))
         laptops = {}
@@ -84,6 +89,21 @@ def test_every_laptop_is_served_by_the_worker_its_key_names(net):
     errors = io_errors(hub)
     assert errors == dict.fromkeys(errors, 0), errors
     assert "hub up:" in hub.log() and "2 workers" in hub.log()
+
+
+def test_metrics_sum_the_workers(net):
+    hub, laptops, _ = net
+    text = hub.ns.run(["python3", "-c", SCRAPE, f"http://{METRICS}/metrics"]).stdout
+    rows = hub.show()
+    for name in laptops:
+        line = re.search(rf'^pytun_peer_received_bytes_total{{peer="{name}"}} (\S+)$', text, re.M)
+        assert line, name
+        assert float(line.group(1)) > 5 << 20  # the worker's count, not zero
+        assert abs(float(line.group(1)) - rows[name]["rx_bytes"]) < 1 << 20
+    connected = re.search(r'^pytun_peers{state="connected"} (\S+)$', text, re.M)
+    assert connected and float(connected.group(1)) == len(laptops), text[:2000]
+    completed = re.search(r'^pytun_handshakes_total{result="completed"} (\S+)$', text, re.M)
+    assert completed and float(completed.group(1)) >= len(laptops)
 
 
 def test_laptop_to_laptop_across_workers(net):
