@@ -108,9 +108,9 @@ class PytunHub(HubProcess):
         if start:
             self.start()
 
-    def start(self, timeout: float = 60.0) -> float:
+    def start(self, timeout: float = 60.0, args=()) -> float:
         try:
-            return super().start(timeout)
+            return super().start(timeout, args)
         except AssertionError as exc:
             raise BenchError(str(exc)) from None
 

@@ -54,10 +54,17 @@ def cleanup(state_dir: str) -> None:
         elif kind is not None:
             log.warning("left %s alone: it is a %s device, not the hub's TUN device",
                         settings.interface, kind or "physical")
-    try:
-        os.unlink(state.socket_path(state_dir))
-    except FileNotFoundError:
+    leftovers = [state.socket_path(state_dir)]
+    try:  # data-plane workers' control sockets (server/workers.py)
+        leftovers += [os.path.join(state_dir, f) for f in os.listdir(state_dir)
+                      if f.startswith("worker") and f.endswith(".sock")]
+    except OSError:
         pass
+    for path in leftovers:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def registry_damage(path: str) -> str | None:

@@ -160,6 +160,13 @@ def test_a_worker_that_dies_stops_the_hub_and_its_rules(topology, tmp_path):
     assert _rules(hub.ns) == []
     assert hub.ifname not in hub.ns.run("ip", "-o", "link").stdout
     hub.start(args=("--workers", "2"))  # and it starts again whole
+    running = sorted(_rules(hub.ns))
+    hub.stop(signal.SIGKILL)  # the supervisor killed: its workers go with it
+    assert wait_until(lambda: not hub.ns.pids(), timeout=10, what="the workers to go")
+    hub.start(args=("--workers", "2"))
+    assert sorted(_rules(hub.ns)) == running, "a restart after a crash duplicated rules"
     assert hub.stop(signal.SIGTERM) == 0
     assert _rules(hub.ns) == []
     assert hub.ifname not in hub.ns.run("ip", "-o", "link").stdout
+    assert not [f for f in os.listdir(hub.state_dir) if f.endswith(".sock")]
+    assert not hub.ns.pids(), "a worker outlived the hub"
