@@ -71,6 +71,11 @@ FAMILIES = {
     "pytun_build_info": "the running pytun's version",
     "pytun_peer_expiry_timestamp_seconds": "Unix time a peer expires at (peers that expire)",
     "pytun_ha_active": "hot standby pair: 1 while this hub holds the service address, 0 standby",
+    "pytun_tun_offload_total": "TUN offload on read: large packets read (gso_reads) and the"
+                               " packets cut from them (gso_segments)",
+    "pytun_handoffs_total": "data-plane workers: packets and initiations handed to the worker"
+                            " that owns the peer (out) and taken from another (in)",
+    "pytun_workers": "data-plane worker processes",
 }
 
 
@@ -282,6 +287,21 @@ class HubCollector:
         yield GaugeMetricFamily("pytun_under_load", FAMILIES["pytun_under_load"],
                                 value=1 if device.under_load(now) else 0)
         yield io
+        driver = getattr(hub, "driver", None)
+        offload = dict(getattr(driver, "offload", None) or getattr(device, "offload", {}))
+        tun = CounterMetricFamily("pytun_tun_offload", FAMILIES["pytun_tun_offload_total"],
+                                  labels=["what"])
+        for what in ("gso_reads", "gso_segments"):
+            tun.add_metric([what], offload.get(what, 0))
+        yield tun
+        workers = getattr(device, "worker", (0, 1))[1]
+        if workers > 1:
+            yield GaugeMetricFamily("pytun_workers", FAMILIES["pytun_workers"], value=workers)
+            handed = CounterMetricFamily("pytun_handoffs", FAMILIES["pytun_handoffs_total"],
+                                         labels=["what"])
+            for what in ("packets_out", "packets_in", "initiations_out", "initiations_in"):
+                handed.add_metric([what], device.handoffs.get(what, 0))
+            yield handed
         if getattr(hub.settings, "ha", None):
             yield GaugeMetricFamily("pytun_ha_active", FAMILIES["pytun_ha_active"],
                                     value=1 if getattr(hub, "role", "active") == "active" else 0)

@@ -90,7 +90,10 @@ class WorkerHub(Hub):
             pairs = [("handshakes_completed", str(device.handshakes_completed)),
                      ("handshakes_gave_up", str(device.handshakes_gave_up)),
                      ("under_load", "1" if device.under_load(now) else "0"),
-                     *((f"drop_{k}", str(n)) for k, n in sorted(device.drops.items()))]
+                     *((f"drop_{k}", str(n)) for k, n in sorted(device.drops.items())),
+                     *((f"handoff_{k}", str(n)) for k, n in sorted(device.handoffs.items())),
+                     *((f"tun_{k}", str(n)) for k, n in
+                       sorted((self.driver.offload if self.driver else {}).items()))]
             for name, (spec, p) in self.peers.items():
                 current = p.current
                 pairs += [("peer", name), ("public_key", spec[0]), ("address", spec[1]),
@@ -217,8 +220,11 @@ class _PeerView:
 class _DeviceTotals:
     """The workers' devices summed, as the metrics read a device."""
 
-    def __init__(self):
+    def __init__(self, workers: int = 1):
         self.drops: Counter[str] = Counter()
+        self.handoffs: Counter[str] = Counter()
+        self.offload: Counter[str] = Counter()
+        self.worker = (0, workers)
         self.handshakes_completed = 0
         self.handshakes_gave_up = 0
         self.loaded = False
@@ -235,7 +241,7 @@ class MergedView:
         self.supervisor = supervisor
         self.settings = supervisor.settings
         self.peers: dict[str, tuple[tuple, _PeerView]] = {}
-        self.device = _DeviceTotals()
+        self.device = _DeviceTotals(supervisor.count)
 
     @property
     def records(self):
@@ -249,7 +255,7 @@ class MergedView:
         """In the metrics thread: ask each worker (a worker that does not answer is left out
         of this scrape, and logged)."""
         peers: dict[str, tuple[tuple, _PeerView]] = {}
-        totals = _DeviceTotals()
+        totals = _DeviceTotals(self.supervisor.count)
         for i in range(self.supervisor.count):
             try:
                 answer = control.request(worker_socket_path(self.supervisor.state_dir, i),
@@ -291,6 +297,10 @@ def _merge(answer, peers: dict, totals: _DeviceTotals) -> None:
             totals.loaded = totals.loaded or value == "1"
         elif key.startswith("drop_"):
             totals.drops[key[5:]] += int(value)
+        elif key.startswith("handoff_"):
+            totals.handoffs[key[8:]] += int(value)
+        elif key.startswith("tun_"):
+            totals.offload[key[4:]] += int(value)
     close()
 
 

@@ -104,6 +104,10 @@ def test_metrics_sum_the_workers(net):
     assert connected and float(connected.group(1)) == len(laptops), text[:2000]
     completed = re.search(r'^pytun_handshakes_total{result="completed"} (\S+)$', text, re.M)
     assert completed and float(completed.group(1)) >= len(laptops)
+    assert re.search(r"^pytun_workers 2\.0$", text, re.M)
+    handed = re.search(r'^pytun_handoffs_total{what="initiations_in"} (\S+)$', text, re.M)
+    assert handed and float(handed.group(1)) == float(hub.stats().get("handoff_initiations_in", 0))
+    assert re.search(r'^pytun_tun_offload_total{what="gso_reads"} 0\.0$', text, re.M)
 
 
 def test_laptop_to_laptop_across_workers(net):
@@ -170,3 +174,30 @@ def test_a_worker_that_dies_stops_the_hub_and_its_rules(topology, tmp_path):
     assert hub.ifname not in hub.ns.run("ip", "-o", "link").stdout
     assert not [f for f in os.listdir(hub.state_dir) if f.endswith(".sock")]
     assert not hub.ns.pids(), "a worker outlived the hub"
+
+
+def test_hot_standby_roles_reach_every_worker(topology, tmp_path):
+    """With the ha setting, the standby hub's workers answer nothing; `ha master` makes
+    every worker active and `ha backup` ends every session."""
+    require_tools("wireguard-go", "wg")
+    hub = Hub(topology, tmp_path, init_args=("--service-address", "192.0.2.99",
+                                             "--start-as", "standby"))
+    hub.start(args=("--workers", "2"))
+    laptops = []
+    for worker in (0, 1):
+        ns, _ = hub.connect_laptop()
+        WgGoLaptop(ns, tmp_path, add_laptop(hub, f"s{worker}", worker, "--keepalive", "1"))
+        laptops.append(ns)
+    assert not ping(laptops[0], HUB_INNER, timeout=1)
+    assert dict(control.request(hub.control_path, [("ha", "status")]))["role"] == "standby"
+    assert int(hub.stats().get("drop_standby", 0)) > 0
+    hub.admin("ha", "master")
+    for ns in laptops:
+        assert wait_until(lambda: ping(ns, HUB_INNER, timeout=0.5), timeout=15,
+                          what="a laptop to connect once the hub is master")
+    answer = dict(control.request(hub.control_path, [("ha", "status")]))
+    assert answer["role"] == "active"
+    hub.admin("ha", "backup")
+    for ns in laptops:
+        assert not ping(ns, HUB_INNER, timeout=1)
+    assert hub.stop() == 0
